@@ -1,0 +1,146 @@
+// kvcache: attend() - masked scaled-dot-product attention over a cache, in place.
+#ifndef KVCACHE_ATTEND_HPP
+#define KVCACHE_ATTEND_HPP
+
+#include <kvcache/attend_options.hpp>
+#include <kvcache/detail/attention_kernel.hpp>
+#include <kvcache/errors.hpp>
+
+#include <cmath>
+#include <type_traits>
+#include <utility>
+
+namespace kvcache {
+namespace detail {
+
+/// A cache is anything with attention_view() returning a KVView and the layout_type typedef.
+template <class C, class = void>
+struct is_kv_cache : std::false_type {};
+template <class C>
+struct is_kv_cache<C, std::void_t<typename C::layout_type, typename C::element_type,
+                                  decltype(std::declval<const C&>().attention_view())>>
+    : std::true_type {};
+
+/// Checks q and the options against a cache's view, then runs the kernel into `out`
+/// (q's shape, already allocated). Every check runs before any output is written.
+template <class Layout, class T>
+void attend_view(const char* where, const ConstView4<T>& q, const KVView<T>& kv,
+                 const AttendOptions& options, T* out) {
+  using Acc = accumulator_t<T>;
+  const Shape qs = Layout::shape(q.dims);
+  if (qs.batch < 1 || qs.batch > kv.batch_size || qs.heads < 1 || qs.heads % kv.num_heads != 0 ||
+      qs.head_dim != kv.head_dim || qs.seq < 0)
+    throw_invalid_argument(
+        where, ": expected q of shape ",
+        describe_expected<Layout>("1.." + std::to_string(kv.batch_size),
+                                  "a multiple of " + std::to_string(kv.num_heads), "q_len",
+                                  std::to_string(kv.head_dim)),
+        "; got ", describe_dims<Layout>(q.dims));
+  if (options.window < 0)
+    throw_invalid_argument(where, ": window must be >= 0 (0: none), got ", options.window);
+  if (!(options.softcap >= 0) || !std::isfinite(options.softcap))
+    throw_invalid_argument(where, ": softcap must be finite and >= 0 (0: none), got ",
+                           options.softcap);
+  if (options.scale && !std::isfinite(*options.scale))
+    throw_invalid_argument(where, ": scale must be finite, got ", *options.scale);
+
+  MaskRules mask;
+  mask.causal = options.causal;
+  mask.window = combine_windows(options.window, kv.window);
+  mask.num_sink_tokens = kv.num_sink_tokens;
+  // The queries are the last q_len tokens appended; with positional rules they need positions.
+  if ((mask.causal || mask.window > 0) && qs.seq > kv.position)
+    throw_invalid_argument(where, ": q_len ", qs.seq, " exceeds the ", kv.position,
+                           " positions appended; causal or windowed queries are the last q_len "
+                           "tokens appended");
+  if (options.key_mask != nullptr) {
+    const auto& m = *options.key_mask;
+    if (m.dimension(0) < qs.batch || m.dimension(1) != kv.position)
+      throw_invalid_argument(where, ": expected key_mask of shape [rows >= ", qs.batch, ", ",
+                             kv.position, "] (batch rows, position()); got [", m.dimension(0),
+                             ", ", m.dimension(1), "]");
+    mask.key_mask = m.data();
+    mask.key_mask_row_stride = m.dimension(1);
+  }
+  if (qs.seq == 0) return;
+
+  ScoreParams<Acc> score;
+  score.scale = options.scale ? static_cast<Acc>(*options.scale)
+                              : Acc(1) / std::sqrt(static_cast<Acc>(qs.head_dim));
+  score.softcap = static_cast<Acc>(options.softcap);
+  QueryArgs<T> args{q.data, out, qs, Layout::strides(qs), kv.position - qs.seq};
+  run_attention(args, kv, mask, score, options.device);
+}
+
+}  // namespace detail
+
+/// \brief Scaled-dot-product attention of q over a cache's held positions, reading the cache
+/// in place (one pass, online softmax, K/V heads never copied or expanded).
+///
+/// \param q       (b <= cache.batch_size(), num_q_heads, q_len, head_dim) in the cache's
+///                layout; num_q_heads a multiple of cache.num_heads(): query head h reads KV
+///                head h / (num_q_heads / num_heads). The queries are the last q_len tokens
+///                appended (row i at absolute position position() - q_len + i).
+/// \param cache   any kvcache cache
+/// \param options masking, scale, softcap, thread pool: see AttendOptions
+/// \return        q's shape; scores scale * q . k, softmax with the natural exponent,
+///                accumulated in float (double for double). Fully masked rows are zeros.
+///
+/// Throws std::invalid_argument, naming expected and received shapes, for a q or key_mask
+/// that does not fit the cache, a negative window or softcap, or causal/windowed queries
+/// longer than the positions appended.
+template <class Q, class Cache,
+          std::enable_if_t<detail::is_tensor4_v<Q> && detail::is_kv_cache<Cache>::value, int> = 0>
+Tensor4<typename Cache::element_type> attend(const Q& q, const Cache& cache,
+                                             const AttendOptions& options = {}) {
+  using T = typename Cache::element_type;
+  detail::check_input_tensor<T, Q>();
+  const detail::ConstView4<T> q_view = detail::view_of(q);
+  Tensor4<T> out(q_view.dims);
+  detail::attend_view<typename Cache::layout_type>("attend", q_view, cache.attention_view(),
+                                                   options, out.data());
+  return out;
+}
+
+/// \brief Attention over explicit k, v tensors: key positions 0 .. k_len - 1, query row i at
+/// k_len - q_len + i. Same rules and guarantees as the cache overload.
+///
+/// \tparam Layout BHSD (default) or BSHD, the layout of q, k, v and the result
+/// \param k, v    (batch, num_kv_heads, k_len, head_dim), the same shape; q's batch <= batch
+template <class Layout = BHSD, class Q, class K, class V,
+          std::enable_if_t<detail::is_tensor4_v<Q> && detail::is_tensor4_v<K> &&
+                               detail::is_tensor4_v<V>,
+                           int> = 0>
+Tensor4<detail::tensor4_element_t<Q>> attend(const Q& q, const K& k, const V& v,
+                                             const AttendOptions& options = {}) {
+  static_assert(is_layout_v<Layout>, "kvcache: the layout must be kvcache::BHSD or kvcache::BSHD");
+  using T = detail::tensor4_element_t<Q>;
+  static_assert(is_kv_element_v<T>,
+                "kvcache: the element type must be float, double, Eigen::half or Eigen::bfloat16");
+  detail::check_input_tensor<T, K>();
+  detail::check_input_tensor<T, V>();
+  const detail::ConstView4<T> q_view = detail::view_of(q);
+  const detail::ConstView4<T> k_view = detail::view_of(k);
+  const detail::ConstView4<T> v_view = detail::view_of(v);
+  if (k_view.dims != v_view.dims)
+    detail::throw_invalid_argument("attend: k and v must have the same shape; k is ",
+                                   detail::describe_dims<Layout>(k_view.dims), ", v is ",
+                                   detail::describe_dims<Layout>(v_view.dims));
+  const Shape ks = Layout::shape(k_view.dims);
+  detail::KVView<T> kv;
+  kv.batch_size = ks.batch;
+  kv.num_heads = ks.heads;
+  kv.head_dim = ks.head_dim;
+  kv.position = ks.seq;
+  if (ks.batch < 1 || ks.heads < 1 || ks.head_dim < 1)
+    detail::throw_invalid_argument("attend: k and v need batch, heads and head_dim >= 1; got ",
+                                   detail::describe_dims<Layout>(k_view.dims));
+  kv.add({k_view.data, v_view.data, Layout::strides(ks), 0, ks.seq});
+  Tensor4<T> out(q_view.dims);
+  detail::attend_view<Layout>("attend", q_view, kv, options, out.data());
+  return out;
+}
+
+}  // namespace kvcache
+
+#endif  // KVCACHE_ATTEND_HPP

@@ -1,0 +1,111 @@
+// kvcache: the bookkeeping shared by the static and the dynamic cache - one storage buffer
+// whose positions [0, position) are the valid prefix.
+#ifndef KVCACHE_DETAIL_CONTIGUOUS_CACHE_HPP
+#define KVCACHE_DETAIL_CONTIGUOUS_CACHE_HPP
+
+#include <kvcache/detail/kv_storage.hpp>
+
+#include <cstddef>
+
+namespace kvcache {
+namespace detail {
+
+/// Base of StaticKVCache and DynamicKVCache: everything but the growth policy.
+/// Invariant: 0 <= position_ <= storage_.capacity(); positions [0, position_) hold the tokens
+/// appended since construction or reset(), in order.
+template <class T, class Layout>
+class ContiguousKVCache {
+  static_assert((check_cache_parameters<T, Layout>(), true));
+
+ public:
+  using element_type = T;
+  using layout_type = Layout;
+
+  /// \brief Positions held for the next query; equal to position().
+  Index size() const { return position_; }
+  /// \brief Tokens appended since construction or reset(): the absolute position of the next.
+  Index position() const { return position_; }
+  /// \brief Positions storable without reallocation.
+  Index capacity() const { return storage_.capacity(); }
+  Index batch_size() const { return storage_.shape().batch; }
+  Index num_heads() const { return storage_.shape().heads; }
+  Index head_dim() const { return storage_.shape().head_dim; }
+
+  /// \brief The size() held keys, oldest first: (batch, heads, size(), head_dim) in Layout.
+  Tensor4<T> keys() const { return storage_.copy_keys(0, position_); }
+  /// \brief The size() held values, oldest first: (batch, heads, size(), head_dim) in Layout.
+  Tensor4<T> values() const { return storage_.copy_values(0, position_); }
+
+  /// \brief Forgets every position; the storage (and capacity()) is kept.
+  void reset() noexcept { position_ = 0; }
+
+  /// \brief Keeps the first n positions (speculative-decoding rollback).
+  /// Requires: 0 <= n <= size(), else std::invalid_argument and nothing changes.
+  void crop(Index n) {
+    if (n < 0 || n > position_)
+      throw_invalid_argument("crop: n must be in [0, size()] = [0, ", position_, "], got ", n);
+    position_ = n;
+  }
+
+  /// \brief Bytes of K/V storage this object owns (capacity, not size).
+  std::size_t memory_bytes() const { return storage_.memory_bytes(); }
+
+  /// \brief The kernel's view of the valid prefix; valid until the cache is next modified.
+  KVView<T> attention_view() const {
+    const Shape s = storage_.shape();
+    KVView<T> view;
+    view.batch_size = s.batch;
+    view.num_heads = s.heads;
+    view.head_dim = s.head_dim;
+    view.position = position_;
+    view.add(storage_.segment(0, position_, 0));
+    return view;
+  }
+
+ protected:
+  ContiguousKVCache(const char* kind, Index batch_size, Index capacity, Index num_heads,
+                    Index head_dim)
+      : storage_(checked(kind, batch_size, capacity, num_heads, head_dim)) {}
+
+  /// Appends k, v at position(); `grow` says whether a full buffer may be reallocated
+  /// (geometrically) or is an error. Every check runs before anything is modified.
+  template <class K, class V>
+  void append(const char* where, const K& k, const V& v, bool grow) {
+    check_input_tensor<T, K>();
+    check_input_tensor<T, V>();
+    const ConstView4<T> k_view = view_of(k);
+    const ConstView4<T> v_view = view_of(v);
+    const Shape in = check_update_shapes<Layout>(where, k_view, v_view, batch_size(), num_heads(),
+                                                 head_dim());
+    if (in.seq == 0) return;
+    const Index needed = position_ + in.seq;
+    if (needed > capacity()) {
+      if (!grow)
+        throw_length_error(where, ": appending ", in.seq, " positions at position ", position_,
+                           " exceeds the capacity of ", capacity(), " (max_seq_len)");
+      // Doubling keeps the total copied by N one-token appends below 2N positions.
+      storage_.reallocate(std::max({needed, 2 * capacity(), Index(16)}), position_);
+    }
+    storage_.write(k_view, v_view, position_);
+    position_ = needed;
+  }
+
+  KVStorage<T, Layout> storage_;
+  Index position_ = 0;
+
+ private:
+  static KVStorage<T, Layout> checked(const char* kind, Index batch_size, Index capacity,
+                                      Index num_heads, Index head_dim) {
+    require_positive(kind, "batch_size", batch_size);
+    require_positive(kind, "num_heads", num_heads);
+    require_positive(kind, "head_dim", head_dim);
+    if (capacity < 0)
+      throw_invalid_argument(kind, ": capacity must not be negative, got ", capacity);
+    return KVStorage<T, Layout>(batch_size, num_heads, capacity, head_dim);
+  }
+};
+
+}  // namespace detail
+}  // namespace kvcache
+
+#endif  // KVCACHE_DETAIL_CONTIGUOUS_CACHE_HPP

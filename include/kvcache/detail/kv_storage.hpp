@@ -1,0 +1,141 @@
+// kvcache: preallocated K/V storage in a layout, with a capacity along the sequence axis.
+// It knows nothing of positions or policies; the caches do the bookkeeping.
+#ifndef KVCACHE_DETAIL_KV_STORAGE_HPP
+#define KVCACHE_DETAIL_KV_STORAGE_HPP
+
+#include <kvcache/detail/kv_view.hpp>
+#include <kvcache/errors.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <utility>
+
+namespace kvcache {
+namespace detail {
+
+/// Copies positions [src_begin, src_begin + length) of batch rows [0, batch) and all heads from
+/// one strided buffer to positions [dst_begin, ...) of another. head_dim elements are
+/// contiguous in both, so each (row, head, position) is one contiguous run.
+template <class T>
+void copy_positions(const T* src, const Strides& src_strides, Index src_begin, T* dst,
+                    const Strides& dst_strides, Index dst_begin, Index batch, Index heads,
+                    Index length, Index head_dim) {
+  for (Index b = 0; b < batch; ++b)
+    for (Index h = 0; h < heads; ++h)
+      for (Index i = 0; i < length; ++i)
+        std::copy_n(src + b * src_strides.batch + h * src_strides.head +
+                        (src_begin + i) * src_strides.seq,
+                    head_dim,
+                    dst + b * dst_strides.batch + h * dst_strides.head +
+                        (dst_begin + i) * dst_strides.seq);
+}
+
+/// Sets positions [begin, begin + length) of batch rows [batch_begin, batch_end) to zero.
+template <class T>
+void zero_positions(T* dst, const Strides& strides, Index begin, Index batch_begin,
+                    Index batch_end, Index heads, Index length, Index head_dim) {
+  for (Index b = batch_begin; b < batch_end; ++b)
+    for (Index h = 0; h < heads; ++h)
+      for (Index i = 0; i < length; ++i)
+        std::fill_n(dst + b * strides.batch + h * strides.head + (begin + i) * strides.seq,
+                    head_dim, T(0));
+}
+
+/// Checks k and v of an update against a cache's shape and returns their common shape.
+/// Throws std::invalid_argument naming the expected and the received shape.
+template <class Layout, class T>
+Shape check_update_shapes(const char* where, const ConstView4<T>& k, const ConstView4<T>& v,
+                          Index batch_size, Index num_heads, Index head_dim) {
+  if (k.dims != v.dims)
+    throw_invalid_argument(where, ": k and v must have the same shape; k is ",
+                           describe_dims<Layout>(k.dims), ", v is ",
+                           describe_dims<Layout>(v.dims));
+  const Shape s = Layout::shape(k.dims);
+  if (s.batch < 1 || s.batch > batch_size || s.heads != num_heads || s.head_dim != head_dim ||
+      s.seq < 0)
+    throw_invalid_argument(
+        where, ": expected k and v of shape ",
+        describe_expected<Layout>("1.." + std::to_string(batch_size), std::to_string(num_heads),
+                                  "new_len", std::to_string(head_dim)),
+        "; got ", describe_dims<Layout>(k.dims));
+  return s;
+}
+
+/// K and V buffers of shape (batch, heads, capacity, head_dim) in Layout.
+template <class T, class Layout>
+class KVStorage {
+ public:
+  KVStorage(Index batch_size, Index num_heads, Index capacity, Index head_dim)
+      : keys_(Layout::dims({batch_size, num_heads, capacity, head_dim})),
+        values_(Layout::dims({batch_size, num_heads, capacity, head_dim})) {}
+
+  Shape shape() const { return Layout::shape(keys_.dimensions()); }
+  Index capacity() const { return shape().seq; }
+  Strides strides() const { return Layout::strides(shape()); }
+
+  /// Writes k, v (already checked: batch <= batch_size, same heads and head_dim) at positions
+  /// [at, at + new_len); batch rows the input does not have are zeroed at those positions.
+  /// Requires: at + new_len <= capacity().
+  void write(const ConstView4<T>& k, const ConstView4<T>& v, Index at) {
+    const Shape in = Layout::shape(k.dims);
+    const Shape own = shape();
+    const Strides in_strides = Layout::strides(in);
+    copy_positions(k.data, in_strides, 0, keys_.data(), strides(), at, in.batch, in.heads, in.seq,
+                   in.head_dim);
+    copy_positions(v.data, in_strides, 0, values_.data(), strides(), at, in.batch, in.heads,
+                   in.seq, in.head_dim);
+    zero_positions(keys_.data(), strides(), at, in.batch, own.batch, own.heads, in.seq,
+                   own.head_dim);
+    zero_positions(values_.data(), strides(), at, in.batch, own.batch, own.heads, in.seq,
+                   own.head_dim);
+  }
+
+  /// Copies positions [begin, begin + length) of keys or values into a new tensor.
+  Tensor4<T> copy_keys(Index begin, Index length) const { return copy_range(keys_, begin, length); }
+  Tensor4<T> copy_values(Index begin, Index length) const {
+    return copy_range(values_, begin, length);
+  }
+
+  /// Moves to a buffer of new_capacity positions keeping [0, keep). Strong guarantee: the new
+  /// buffers are allocated before anything changes.
+  void reallocate(Index new_capacity, Index keep) {
+    const Shape own = shape();
+    KVStorage grown(own.batch, own.heads, new_capacity, own.head_dim);
+    copy_positions(keys_.data(), strides(), 0, grown.keys_.data(), grown.strides(), 0, own.batch,
+                   own.heads, keep, own.head_dim);
+    copy_positions(values_.data(), strides(), 0, grown.values_.data(), grown.strides(), 0,
+                   own.batch, own.heads, keep, own.head_dim);
+    std::swap(keys_, grown.keys_);
+    std::swap(values_, grown.values_);
+  }
+
+  /// A kernel's view of positions [begin, begin + length), which sit at absolute positions
+  /// first_position, first_position + 1, ...
+  KVSegment<T> segment(Index begin, Index length, Index first_position) const {
+    const Strides s = strides();
+    return {keys_.data() + begin * s.seq, values_.data() + begin * s.seq, s, first_position,
+            length};
+  }
+
+  std::size_t memory_bytes() const {
+    return 2 * static_cast<std::size_t>(keys_.size()) * sizeof(T);
+  }
+
+ private:
+  Tensor4<T> copy_range(const Tensor4<T>& from, Index begin, Index length) const {
+    Shape out_shape = shape();
+    out_shape.seq = length;
+    Tensor4<T> out(Layout::dims(out_shape));
+    copy_positions(from.data(), strides(), begin, out.data(), Layout::strides(out_shape), 0,
+                   out_shape.batch, out_shape.heads, length, out_shape.head_dim);
+    return out;
+  }
+
+  Tensor4<T> keys_;
+  Tensor4<T> values_;
+};
+
+}  // namespace detail
+}  // namespace kvcache
+
+#endif  // KVCACHE_DETAIL_KV_STORAGE_HPP

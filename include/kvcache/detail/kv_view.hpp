@@ -1,0 +1,49 @@
+// kvcache: what a cache shows the attention kernel - runs of keys and values at absolute
+// positions. The kernel never sees a cache type, only these views, so every cache kind reuses
+// the same kernel and the same masking rules.
+#ifndef KVCACHE_DETAIL_KV_VIEW_HPP
+#define KVCACHE_DETAIL_KV_VIEW_HPP
+
+#include <kvcache/layout.hpp>
+
+#include <array>
+
+namespace kvcache {
+namespace detail {
+
+/// A run of `length` consecutive absolute positions starting at `first_position`, stored at
+/// `keys` / `values` with the given strides (position i of batch row b, head h is at
+/// b * strides.batch + h * strides.head + i * strides.seq).
+template <class T>
+struct KVSegment {
+  const T* keys = nullptr;
+  const T* values = nullptr;
+  Strides strides{0, 0, 0};
+  Index first_position = 0;
+  Index length = 0;
+};
+
+/// Everything the kernel reads of a cache: its segments, oldest first and non-overlapping, and
+/// the rules the cache itself imposes (a sliding window and its sinks). Valid until the cache
+/// is next modified.
+template <class T>
+struct KVView {
+  static constexpr int kMaxSegments = 4;
+  std::array<KVSegment<T>, kMaxSegments> segments{};
+  int num_segments = 0;
+  Index batch_size = 0;
+  Index num_heads = 0;
+  Index head_dim = 0;
+  Index position = 0;         ///< absolute position of the next token to be appended
+  Index window = 0;           ///< the cache's own window (0: none)
+  Index num_sink_tokens = 0;  ///< positions [0, num_sink_tokens) are exempt from the window
+
+  void add(const KVSegment<T>& segment) {
+    if (segment.length > 0) segments[static_cast<std::size_t>(num_segments++)] = segment;
+  }
+};
+
+}  // namespace detail
+}  // namespace kvcache
+
+#endif  // KVCACHE_DETAIL_KV_VIEW_HPP

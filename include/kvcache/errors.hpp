@@ -1,0 +1,70 @@
+// kvcache: exception types and the messages that name expected and received values.
+#ifndef KVCACHE_ERRORS_HPP
+#define KVCACHE_ERRORS_HPP
+
+#include <kvcache/layout.hpp>
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace kvcache {
+
+/// \brief Thrown by load() for a stream that is not a valid saved cache of the asked-for type.
+class FormatError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+namespace detail {
+
+/// "[1, 8, 16, 64] (BHSD)": a tensor's dimensions as given, with the layout that names them.
+template <class Layout>
+std::string describe_dims(const std::array<Index, 4>& dims) {
+  std::ostringstream out;
+  out << '[' << dims[0] << ", " << dims[1] << ", " << dims[2] << ", " << dims[3] << "] ("
+      << Layout::name << ')';
+  return out.str();
+}
+
+/// "[b <= 2, 8, *, 64] (BHSD)": an expected shape, each axis described in words, in the
+/// layout's axis order.
+template <class Layout>
+std::string describe_expected(const std::string& batch, const std::string& heads,
+                              const std::string& seq, const std::string& head_dim) {
+  std::array<std::string, 4> axes;
+  axes[0] = batch;
+  axes[Layout::head_axis] = heads;
+  axes[Layout::seq_axis] = seq;
+  axes[3] = head_dim;
+  return "[" + axes[0] + ", " + axes[1] + ", " + axes[2] + ", " + axes[3] + "] (" + Layout::name +
+         ")";
+}
+
+/// Builds a message from any streamable pieces.
+template <class... Parts>
+std::string message(const Parts&... parts) {
+  std::ostringstream out;
+  (out << ... << parts);
+  return out.str();
+}
+
+template <class... Parts>
+[[noreturn]] void throw_invalid_argument(const Parts&... parts) {
+  throw std::invalid_argument(message("kvcache: ", parts...));
+}
+
+template <class... Parts>
+[[noreturn]] void throw_length_error(const Parts&... parts) {
+  throw std::length_error(message("kvcache: ", parts...));
+}
+
+/// Constructor arguments are extents: zero or negative is a caller's mistake.
+inline void require_positive(const char* where, const char* what, Index value) {
+  if (value <= 0) throw_invalid_argument(where, ": ", what, " must be positive, got ", value);
+}
+
+}  // namespace detail
+}  // namespace kvcache
+
+#endif  // KVCACHE_ERRORS_HPP

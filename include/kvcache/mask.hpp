@@ -1,0 +1,42 @@
+// kvcache: the masking rules of attend(), written once in terms of absolute positions.
+#ifndef KVCACHE_MASK_HPP
+#define KVCACHE_MASK_HPP
+
+#include <kvcache/layout.hpp>
+
+namespace kvcache {
+namespace detail {
+
+/// Which keys a query sees. Every cache kind and every kernel uses this one definition.
+struct MaskRules {
+  bool causal = true;
+  Index window = 0;           ///< effective window (the tighter of the option's and the cache's); 0: none
+  Index num_sink_tokens = 0;  ///< positions below this are exempt from the window rule
+  const bool* key_mask = nullptr;  ///< row-major (rows, key_mask_row_stride); null: none
+  Index key_mask_row_stride = 0;
+
+  /// Rules 1-3 of AttendOptions for batch row b, a query at absolute position t and a key at
+  /// absolute position p.
+  bool visible(Index batch_idx, Index t, Index p) const {
+    if (causal && p > t) return false;
+    if (window > 0 && p <= t - window && p >= num_sink_tokens) return false;
+    if (key_mask != nullptr && !key_mask[batch_idx * key_mask_row_stride + p]) return false;
+    return true;
+  }
+
+  /// True when no key at a position >= p is visible to the query at t (keys are visited in
+  /// increasing position, so the kernel can stop).
+  bool past_end(Index t, Index p) const { return causal && p > t; }
+};
+
+/// The tighter of two windows where 0 means none.
+constexpr Index combine_windows(Index a, Index b) {
+  if (a == 0) return b;
+  if (b == 0) return a;
+  return a < b ? a : b;
+}
+
+}  // namespace detail
+}  // namespace kvcache
+
+#endif  // KVCACHE_MASK_HPP
