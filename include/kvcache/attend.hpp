@@ -123,9 +123,10 @@ Tensor4<detail::tensor4_element_t<Q>> attend(const Q& q, const K& k, const V& v,
   const detail::ConstView4<T> k_view = detail::view_of(k);
   const detail::ConstView4<T> v_view = detail::view_of(v);
   if (k_view.dims != v_view.dims)
-    detail::throw_invalid_argument("attend: k and v must have the same shape; k is ",
-                                   detail::describe_dims<Layout>(k_view.dims), ", v is ",
-                                   detail::describe_dims<Layout>(v_view.dims));
+    detail::throw_invalid_argument(
+        "attend: k and v must have the same shape: expected v of k's shape ",
+        detail::describe_dims<Layout>(k_view.dims), "; got ",
+        detail::describe_dims<Layout>(v_view.dims));
   const Shape ks = Layout::shape(k_view.dims);
   detail::KVView<T> kv;
   kv.batch_size = ks.batch;

@@ -47,9 +47,8 @@ template <class Layout, class T>
 Shape check_update_shapes(const char* where, const ConstView4<T>& k, const ConstView4<T>& v,
                           Index batch_size, Index num_heads, Index head_dim) {
   if (k.dims != v.dims)
-    throw_invalid_argument(where, ": k and v must have the same shape; k is ",
-                           describe_dims<Layout>(k.dims), ", v is ",
-                           describe_dims<Layout>(v.dims));
+    throw_invalid_argument(where, ": k and v must have the same shape: expected v of k's shape ",
+                           describe_dims<Layout>(k.dims), "; got ", describe_dims<Layout>(v.dims));
   const Shape s = Layout::shape(k.dims);
   if (s.batch < 1 || s.batch > batch_size || s.heads != num_heads || s.head_dim != head_dim ||
       s.seq < 0)
