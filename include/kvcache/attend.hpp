@@ -6,6 +6,7 @@
 #include <kvcache/detail/attention_kernel.hpp>
 #include <kvcache/errors.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <utility>
@@ -61,6 +62,21 @@ void attend_view(const char* where, const ConstView4<T>& q, const KVView<T>& kv,
                              ", ", m.dimension(1), "]");
     mask.key_mask = m.data();
     mask.key_mask_row_stride = m.dimension(1);
+  }
+  // A sliding-window cache has evicted [num_sink_tokens, first_held_position): the first query
+  // row's window (t - window, t] must not reach into it (later rows' windows start later).
+  if (qs.seq > 0 && kv.first_held_position > kv.num_sink_tokens) {
+    const Index first_query = kv.position - qs.seq;
+    const Index needed_from = mask.window > 0 ? first_query - mask.window + 1 : 0;
+    if (std::max(needed_from, kv.num_sink_tokens) < kv.first_held_position)
+      throw_invalid_argument(
+          where, ": q_len ", qs.seq, " puts the first query at position ", first_query,
+          ", whose window of ", mask.window, " needs keys from position ", needed_from,
+          ", but positions [", kv.num_sink_tokens, ", ", kv.first_held_position,
+          ") are no longer held; expected q_len <= ",
+          mask.window > 0 ? std::max<Index>(0, kv.position - kv.first_held_position -
+                                                   mask.window + 1)
+                          : Index(0));
   }
   if (qs.seq == 0) return;
 

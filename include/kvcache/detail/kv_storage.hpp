@@ -76,17 +76,34 @@ class KVStorage {
   /// [at, at + new_len); batch rows the input does not have are zeroed at those positions.
   /// Requires: at + new_len <= capacity().
   void write(const ConstView4<T>& k, const ConstView4<T>& v, Index at) {
+    write_range(k, v, 0, Layout::shape(k.dims).seq, at);
+  }
+
+  /// Like write(), for input positions [src_begin, src_begin + length) only, stored at
+  /// [at, at + length). Requires: the range lies in the input and at + length <= capacity().
+  void write_range(const ConstView4<T>& k, const ConstView4<T>& v, Index src_begin,
+                   Index length, Index at) {
     const Shape in = Layout::shape(k.dims);
     const Shape own = shape();
     const Strides in_strides = Layout::strides(in);
-    copy_positions(k.data, in_strides, 0, keys_.data(), strides(), at, in.batch, in.heads, in.seq,
-                   in.head_dim);
-    copy_positions(v.data, in_strides, 0, values_.data(), strides(), at, in.batch, in.heads,
-                   in.seq, in.head_dim);
-    zero_positions(keys_.data(), strides(), at, in.batch, own.batch, own.heads, in.seq,
+    copy_positions(k.data, in_strides, src_begin, keys_.data(), strides(), at, in.batch,
+                   in.heads, length, in.head_dim);
+    copy_positions(v.data, in_strides, src_begin, values_.data(), strides(), at, in.batch,
+                   in.heads, length, in.head_dim);
+    zero_positions(keys_.data(), strides(), at, in.batch, own.batch, own.heads, length,
                    own.head_dim);
-    zero_positions(values_.data(), strides(), at, in.batch, own.batch, own.heads, in.seq,
+    zero_positions(values_.data(), strides(), at, in.batch, own.batch, own.heads, length,
                    own.head_dim);
+  }
+
+  /// Copies positions [src_begin, src_begin + length) of another storage of the same batch,
+  /// heads and head_dim (any capacity) to positions [dst_begin, dst_begin + length) of this.
+  void copy_from(const KVStorage& from, Index src_begin, Index length, Index dst_begin) {
+    const Shape own = shape();
+    copy_positions(from.keys_.data(), from.strides(), src_begin, keys_.data(), strides(),
+                   dst_begin, own.batch, own.heads, length, own.head_dim);
+    copy_positions(from.values_.data(), from.strides(), src_begin, values_.data(), strides(),
+                   dst_begin, own.batch, own.heads, length, own.head_dim);
   }
 
   /// Copies positions [begin, begin + length) of keys or values into a new tensor.

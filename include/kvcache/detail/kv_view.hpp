@@ -7,6 +7,7 @@
 #include <kvcache/layout.hpp>
 
 #include <array>
+#include <cassert>
 
 namespace kvcache {
 namespace detail {
@@ -37,9 +38,14 @@ struct KVView {
   Index position = 0;         ///< absolute position of the next token to be appended
   Index window = 0;           ///< the cache's own window (0: none)
   Index num_sink_tokens = 0;  ///< positions [0, num_sink_tokens) are exempt from the window
+  /// Positions [num_sink_tokens, first_held_position) were evicted (a sliding window): a query
+  /// whose window reaches below first_held_position cannot be answered. 0: nothing evicted.
+  Index first_held_position = 0;
 
   void add(const KVSegment<T>& segment) {
-    if (segment.length > 0) segments[static_cast<std::size_t>(num_segments++)] = segment;
+    if (segment.length == 0) return;
+    assert(num_segments < kMaxSegments && "kvcache: a cache gave more segments than KVView holds");
+    segments[static_cast<std::size_t>(num_segments++)] = segment;
   }
 };
 

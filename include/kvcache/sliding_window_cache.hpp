@@ -1,0 +1,228 @@
+// kvcache: SlidingWindowKVCache - attention sinks plus a ring buffer of the most recent
+// positions; memory stays bounded however long the stream.
+#ifndef KVCACHE_SLIDING_WINDOW_CACHE_HPP
+#define KVCACHE_SLIDING_WINDOW_CACHE_HPP
+
+#include <kvcache/detail/kv_storage.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <utility>
+
+namespace kvcache {
+
+/// \brief A cache that keeps the first num_sink_tokens positions forever (attention sinks,
+/// StreamingLLM) and the most recent `window` positions, in a ring buffer: appending a token
+/// writes it over the oldest one, O(1) per token and head, never a shift of the window.
+///
+/// \tparam T      float, double, Eigen::half or Eigen::bfloat16
+/// \tparam Layout BHSD (default) or BSHD: the layout of the storage and of every tensor the
+///                cache takes or returns
+///
+/// Storage: one KVStorage of (batch_size, num_heads, num_sink_tokens + ring, head_dim).
+/// Slots [0, num_sink_tokens) hold the sinks; absolute position p >= num_sink_tokens lives at
+/// slot num_sink_tokens + (p - num_sink_tokens) % ring. The ring holds the last
+/// min(position() - num_sink_tokens, ring) non-sink positions.
+///
+/// Chunks longer than the window: attend() must answer every query row of the last update
+/// exactly, and the first row of an update of n tokens at position P sees keys from
+/// P - window + 1. So after an update the ring must hold the whole chunk plus the window - 1
+/// positions before it: ring >= n + window - 1. The ring starts at `window` slots and, when an
+/// update needs more, is reallocated to exactly n + window - 1 (the held positions are moved
+/// once); it is reused afterwards and never shrinks. So the storage is fixed by the largest
+/// chunk seen, n_max: num_sink_tokens + window + n_max - 1 positions. Decoding one token at a
+/// time never grows it; a stream of chunks of c tokens grows it once, at the first chunk.
+///
+/// size() and keys() report the sinks and the last `window` positions (what a decode step
+/// sees); attention_view() shows the kernel every position the ring still holds, and the
+/// shared masking rules apply the cache's window (sinks exempt). A query that would need an
+/// evicted key - more query rows than the last update appended, beyond what the ring still
+/// holds - makes attend() throw std::invalid_argument.
+///
+/// An update with fewer batch rows than batch_size() writes rows [0, b) and sets the other
+/// rows to zero at the new positions. No crop(): rolling back a ring would need positions it
+/// has already overwritten.
+template <class T, class Layout = BHSD>
+class SlidingWindowKVCache {
+  static_assert((detail::check_cache_parameters<T, Layout>(), true));
+
+ public:
+  using element_type = T;
+  using layout_type = Layout;
+
+  /// \param batch_size, window, num_heads, head_dim  positive, else std::invalid_argument
+  /// \param num_sink_tokens first positions kept forever; 0 or more, else
+  ///        std::invalid_argument
+  SlidingWindowKVCache(Index batch_size, Index window, Index num_heads, Index head_dim,
+                       Index num_sink_tokens = 0)
+      : storage_(checked_storage(batch_size, window, num_heads, head_dim, num_sink_tokens)),
+        window_(window),
+        num_sink_tokens_(num_sink_tokens) {}
+
+  /// \brief Appends k, v of shape (b <= batch_size(), num_heads(), new_len, head_dim()) at
+  /// position(), overwriting the oldest ring positions. Accepts Tensor4<T> and Eigen::TensorMap
+  /// of one. Any new_len works (see the class comment for chunks longer than the window).
+  ///
+  /// Throws std::invalid_argument for a shape that does not fit, with the cache unchanged.
+  template <class K, class V>
+  void update(const K& k, const V& v) {
+    detail::check_input_tensor<T, K>();
+    detail::check_input_tensor<T, V>();
+    const detail::ConstView4<T> k_view = detail::view_of(k);
+    const detail::ConstView4<T> v_view = detail::view_of(v);
+    const Shape in = detail::check_update_shapes<Layout>(
+        "SlidingWindowKVCache::update", k_view, v_view, batch_size(), num_heads(), head_dim());
+    if (in.seq == 0) return;
+    const Index needed = ring_needed(in.seq);
+    if (needed > ring_capacity()) grow_ring(needed);  // the only step that can throw
+    const Index first = position_;
+    for_each_run(first, first + in.seq, ring_capacity(),
+                 [&](Index slot, Index length, Index p) {
+                   storage_.write_range(k_view, v_view, p - first, length, slot);
+                 });
+    position_ += in.seq;
+  }
+
+  /// \brief Positions held for the next query: min(position(), num_sink_tokens() + window()).
+  Index size() const { return std::min(position_, num_sink_tokens_ + window_); }
+  /// \brief Tokens appended since construction or reset(): the absolute position of the next.
+  Index position() const { return position_; }
+  /// \brief num_sink_tokens() + window(): what size() reaches on a long stream.
+  Index capacity() const { return num_sink_tokens_ + window_; }
+  Index batch_size() const { return storage_.shape().batch; }
+  Index num_heads() const { return storage_.shape().heads; }
+  Index head_dim() const { return storage_.shape().head_dim; }
+  /// \brief The most recent positions kept (besides the sinks).
+  Index window() const { return window_; }
+  /// \brief The first positions kept forever and exempt from the window rule.
+  Index num_sink_tokens() const { return num_sink_tokens_; }
+
+  /// \brief The size() held keys, oldest first - the sinks, then the last window() positions:
+  /// (batch_size, num_heads, size(), head_dim) in Layout.
+  Tensor4<T> keys() const { return gather(/*keys=*/true); }
+  /// \brief The size() held values, in the order of keys().
+  Tensor4<T> values() const { return gather(/*keys=*/false); }
+
+  /// \brief Forgets every position, sinks included; the storage is kept.
+  void reset() noexcept { position_ = 0; }
+
+  /// \brief Bytes of K/V storage this object owns: 2 x batch x heads x head_dim x sizeof(T) x
+  /// (num_sink_tokens + ring), where the ring is window() positions unless a longer chunk made
+  /// it grow (see the class comment). Constant on a stream of small updates, however long.
+  std::size_t memory_bytes() const { return storage_.memory_bytes(); }
+
+  /// \brief The kernel's view: the held sinks, then every held ring position (at most three
+  /// segments: sinks, ring tail, ring head), with the cache's window and sinks and the first
+  /// non-sink position still held. Valid until the cache is next modified.
+  detail::KVView<T> attention_view() const {
+    const Shape s = storage_.shape();
+    detail::KVView<T> view;
+    view.batch_size = s.batch;
+    view.num_heads = s.heads;
+    view.head_dim = s.head_dim;
+    view.position = position_;
+    view.window = window_;
+    view.num_sink_tokens = num_sink_tokens_;
+    view.first_held_position = first_held_position();
+    auto add = [&](Index slot, Index length, Index p) {
+      view.add(storage_.segment(slot, length, p));
+    };
+    for_each_run(0, std::min(position_, num_sink_tokens_), ring_capacity(), add);
+    for_each_run(first_held_position(), position_, ring_capacity(), add);
+    return view;
+  }
+
+ private:
+  static detail::KVStorage<T, Layout> checked_storage(Index batch_size, Index window,
+                                                      Index num_heads, Index head_dim,
+                                                      Index num_sink_tokens) {
+    const char* kind = "SlidingWindowKVCache";
+    detail::require_positive(kind, "batch_size", batch_size);
+    detail::require_positive(kind, "window", window);
+    detail::require_positive(kind, "num_heads", num_heads);
+    detail::require_positive(kind, "head_dim", head_dim);
+    if (num_sink_tokens < 0)
+      detail::throw_invalid_argument(kind, ": num_sink_tokens must not be negative, got ",
+                                     num_sink_tokens);
+    return detail::KVStorage<T, Layout>(batch_size, num_heads, num_sink_tokens + window,
+                                        head_dim);
+  }
+
+  /// Storage slots of the ring (after the sinks).
+  Index ring_capacity() const { return storage_.capacity() - num_sink_tokens_; }
+
+  /// The oldest non-sink position the ring still holds (num_sink_tokens_ when none evicted).
+  Index first_held_position() const {
+    return std::max(num_sink_tokens_, position_ - ring_capacity());
+  }
+
+  /// Ring slots an update of n >= 1 tokens needs: the chunk and the window - 1 positions
+  /// before it, which the window of its first row reaches. (Near the start of the stream
+  /// fewer would do; asking for the same every time makes memory_bytes() depend on the chunk
+  /// sizes only.)
+  Index ring_needed(Index n) const { return n + window_ - 1; }
+
+  /// Calls f(slot, length, first_position) for the runs of consecutive storage slots that hold
+  /// absolute positions [first, last) in a ring of `ring` slots; the positions must be held
+  /// (or be about to be written). A run ends at the end of the sinks or of the ring.
+  template <class F>
+  void for_each_run(Index first, Index last, Index ring, F&& f) const {
+    // Invariant: every position before `first` (from the caller's first) went to f, in order.
+    while (first < last) {
+      const bool sink = first < num_sink_tokens_;
+      const Index slot =
+          sink ? first : num_sink_tokens_ + (first - num_sink_tokens_) % ring;
+      const Index run_end = sink ? num_sink_tokens_ : num_sink_tokens_ + ring;
+      const Index length = std::min(last - first, run_end - slot);
+      f(slot, length, first);
+      first += length;
+    }
+  }
+
+  /// Moves to a ring of `new_ring` slots, every held position at its slot in the new ring.
+  /// Strong guarantee: the new storage is complete before it replaces the old one.
+  void grow_ring(Index new_ring) {
+    const Shape s = storage_.shape();
+    detail::KVStorage<T, Layout> grown(s.batch, s.heads, num_sink_tokens_ + new_ring,
+                                       s.head_dim);
+    grown.copy_from(storage_, 0, std::min(position_, num_sink_tokens_), 0);
+    const Index old_ring = ring_capacity();
+    for_each_run(first_held_position(), position_, old_ring,
+                 [&](Index from_slot, Index length, Index p) {
+                   for_each_run(p, p + length, new_ring,
+                                [&](Index to_slot, Index piece, Index q) {
+                                  grown.copy_from(storage_, from_slot + (q - p), piece, to_slot);
+                                });
+                 });
+    storage_ = std::move(grown);  // swaps buffer pointers: cannot throw
+  }
+
+  /// The sinks and the last window positions, oldest first, as one tensor.
+  Tensor4<T> gather(bool keys) const {
+    Shape out_shape = storage_.shape();
+    out_shape.seq = size();
+    Tensor4<T> out(Layout::dims(out_shape));
+    const Strides out_strides = Layout::strides(out_shape);
+    Index at = 0;
+    auto copy = [&](Index slot, Index length, Index p) {
+      const detail::KVSegment<T> run = storage_.segment(slot, length, p);
+      detail::copy_positions(keys ? run.keys : run.values, run.strides, 0, out.data(),
+                             out_strides, at, out_shape.batch, out_shape.heads, length,
+                             out_shape.head_dim);
+      at += length;
+    };
+    for_each_run(0, std::min(position_, num_sink_tokens_), ring_capacity(), copy);
+    for_each_run(std::max(num_sink_tokens_, position_ - window_), position_, ring_capacity(),
+                 copy);
+    return out;
+  }
+
+  detail::KVStorage<T, Layout> storage_;
+  Index window_;
+  Index num_sink_tokens_;
+  Index position_ = 0;
+};
+
+}  // namespace kvcache
+
+#endif  // KVCACHE_SLIDING_WINDOW_CACHE_HPP
