@@ -4,8 +4,10 @@
 #define KVCACHE_DETAIL_CONTIGUOUS_CACHE_HPP
 
 #include <kvcache/detail/kv_storage.hpp>
+#include <kvcache/frozen_cache.hpp>
 
 #include <cstddef>
+#include <memory>
 
 namespace kvcache {
 namespace detail {
@@ -49,6 +51,15 @@ class ContiguousKVCache {
 
   /// \brief Bytes of K/V storage this object owns (capacity, not size).
   std::size_t memory_bytes() const { return storage_.memory_bytes(); }
+
+  /// \brief An immutable snapshot of the size() held positions, for prefix sharing.
+  ///
+  /// Copies the valid positions once into a buffer of exactly size() positions (not
+  /// capacity()); the cache can keep changing afterwards without affecting the snapshot.
+  /// Everyone holding the returned pointer shares that one copy (see PrefixKVCache).
+  std::shared_ptr<const FrozenKVCache<T, Layout>> freeze() const {
+    return std::make_shared<const FrozenKVCache<T, Layout>>(keys(), values());
+  }
 
   /// \brief The kernel's view of the valid prefix; valid until the cache is next modified.
   KVView<T> attention_view() const {
