@@ -1,0 +1,169 @@
+// kvcache: ModelKVCache - one cache per transformer layer, of one kind or of several.
+#ifndef KVCACHE_MODEL_CACHE_HPP
+#define KVCACHE_MODEL_CACHE_HPP
+
+#include <kvcache/attend.hpp>
+#include <kvcache/errors.hpp>
+
+#include <cstddef>
+#include <stdexcept>
+#include <type_traits>
+#include <utility>
+#include <variant>
+#include <vector>
+
+namespace kvcache {
+namespace detail {
+
+template <class C>
+struct is_variant : std::false_type {};
+template <class... Alternatives>
+struct is_variant<std::variant<Alternatives...>> : std::true_type {};
+
+/// Calls f on the cache a layer holds: the layer itself, or the active alternative of a
+/// std::variant of caches.
+template <class Layer, class F>
+decltype(auto) visit_layer(Layer& layer, F&& f) {
+  if constexpr (is_variant<std::remove_const_t<Layer>>::value)
+    return std::visit(std::forward<F>(f), layer);
+  else
+    return std::forward<F>(f)(layer);
+}
+
+}  // namespace detail
+
+/// \brief One cache per transformer layer: layer l's keys and values live in (*this)[l].
+///
+/// \tparam Cache any cache kind (StaticKVCache<T, L>, DynamicKVCache<T, L>, ...), or a
+///         std::variant of cache kinds to mix kinds per layer.
+///
+/// All layers of one kind, built from the same arguments:
+/// \code
+///   ModelKVCache<StaticKVCache<float>> caches(32, /*batch*/ 1, /*max_seq_len*/ 4096, 8, 128);
+///   caches[layer].update(k, v);                  // or caches.update(layer, k, v)
+///   auto out = attend(q, caches[layer]);
+/// \endcode
+///
+/// Mixed kinds (Gemma 2/3, Mistral: sliding-window layers interleaved with full-attention
+/// layers): a std::variant of the kinds and a factory that builds layer l. update(), reset(),
+/// size() and memory_bytes() work on the active alternative, and attend() accepts the variant
+/// (overload below); std::get / std::visit reach the concrete cache.
+/// \code
+///   using Layer = std::variant<StaticKVCache<float>, SlidingWindowKVCache<float>>;
+///   ModelKVCache<Layer> caches(26, [](Index layer) -> Layer {
+///     if (layer % 2 == 0) return SlidingWindowKVCache<float>(1, 4096, 8, 256);
+///     return StaticKVCache<float>(1, 8192, 8, 256);
+///   });
+///   caches.update(layer, k, v);
+///   auto out = attend(q, caches[layer]);
+/// \endcode
+/// The factory also serves one kind with per-layer arguments, e.g. PrefixKVCache layers each on
+/// its own layer's frozen prefix (see freeze()).
+///
+/// Every member that takes a layer index checks it first (std::out_of_range naming the index
+/// and num_layers()); update() then has the layer's own strong guarantee.
+template <class Cache>
+class ModelKVCache {
+ public:
+  using cache_type = Cache;
+
+  /// \brief num_layers caches, each constructed as Cache(args...).
+  ///
+  /// \param num_layers positive, else std::invalid_argument
+  /// \param args       the constructor arguments of one layer's Cache
+  template <class... Args,
+            std::enable_if_t<std::is_constructible_v<Cache, const Args&...>, int> = 0>
+  explicit ModelKVCache(Index num_layers, const Args&... args) {
+    detail::require_positive("ModelKVCache", "num_layers", num_layers);
+    layers_.reserve(static_cast<std::size_t>(num_layers));
+    for (Index layer = 0; layer < num_layers; ++layer) layers_.emplace_back(args...);
+  }
+
+  /// \brief num_layers caches, layer l being make_layer(l): per-layer arguments or kinds.
+  ///
+  /// \param num_layers positive, else std::invalid_argument
+  /// \param make_layer callable as Cache(Index layer); called for layers 0, 1, ... in order
+  template <class MakeLayer,
+            std::enable_if_t<!std::is_constructible_v<Cache, const MakeLayer&> &&
+                                 std::is_invocable_r_v<Cache, MakeLayer&, Index>,
+                             int> = 0>
+  ModelKVCache(Index num_layers, MakeLayer make_layer) {
+    detail::require_positive("ModelKVCache", "num_layers", num_layers);
+    layers_.reserve(static_cast<std::size_t>(num_layers));
+    for (Index layer = 0; layer < num_layers; ++layer) layers_.push_back(make_layer(layer));
+  }
+
+  /// \brief The number of layers.
+  Index num_layers() const { return static_cast<Index>(layers_.size()); }
+
+  /// \brief Layer `layer`'s cache. Requires 0 <= layer < num_layers(), else std::out_of_range.
+  Cache& operator[](Index layer) { return layers_[checked(layer)]; }
+  const Cache& operator[](Index layer) const { return layers_[checked(layer)]; }
+
+  /// \brief The same as (*this)[layer].update(k, v), for variants too.
+  template <class K, class V>
+  void update(Index layer, const K& k, const V& v) {
+    detail::visit_layer(layers_[checked(layer)], [&](auto& cache) { cache.update(k, v); });
+  }
+
+  /// \brief Layer 0's size() (every layer of a model appends the same tokens).
+  Index size() const {
+    return detail::visit_layer(layers_.front(), [](const auto& cache) { return cache.size(); });
+  }
+
+  /// \brief Resets every layer (each keeps its storage; prefix layers return to their prefix).
+  void reset() noexcept {
+    for (Cache& layer : layers_) detail::visit_layer(layer, [](auto& cache) { cache.reset(); });
+  }
+
+  /// \brief The sum of every layer's memory_bytes().
+  std::size_t memory_bytes() const {
+    std::size_t total = 0;
+    for (const Cache& layer : layers_)
+      total += detail::visit_layer(layer, [](const auto& cache) { return cache.memory_bytes(); });
+    return total;
+  }
+
+  /// \brief Every layer's freeze(), in layer order (for caches that have one): the per-layer
+  /// prefixes of a shared prompt, e.g. for ModelKVCache<PrefixKVCache<T, L>> built with a
+  /// factory `[&](Index l) { return PrefixKVCache<T, L>(frozen[l], max_new_tokens); }`.
+  template <class C = Cache>
+  auto freeze() const -> std::vector<decltype(std::declval<const C&>().freeze())> {
+    std::vector<decltype(std::declval<const C&>().freeze())> frozen;
+    frozen.reserve(layers_.size());
+    for (const Cache& layer : layers_) frozen.push_back(layer.freeze());
+    return frozen;
+  }
+
+  /// \brief The layers, in order.
+  auto begin() { return layers_.begin(); }
+  auto end() { return layers_.end(); }
+  auto begin() const { return layers_.begin(); }
+  auto end() const { return layers_.end(); }
+
+ private:
+  std::size_t checked(Index layer) const {
+    if (layer < 0 || layer >= num_layers())
+      throw std::out_of_range(detail::message("kvcache: ModelKVCache: layer ", layer,
+                                              " is out of range; expected 0 <= layer < ",
+                                              num_layers(), " (num_layers)"));
+    return static_cast<std::size_t>(layer);
+  }
+
+  std::vector<Cache> layers_;
+};
+
+/// \brief attend() over a layer that holds one of several cache kinds (a std::variant, as in a
+/// mixed ModelKVCache): attends over the active alternative. Same contract as the cache
+/// overload; every alternative must have the same element type.
+template <class Q, class... Caches,
+          std::enable_if_t<detail::is_tensor4_v<Q> && (detail::is_kv_cache<Caches>::value && ...),
+                           int> = 0>
+auto attend(const Q& q, const std::variant<Caches...>& cache, const AttendOptions& options = {}) {
+  return std::visit([&](const auto& alternative) { return attend(q, alternative, options); },
+                    cache);
+}
+
+}  // namespace kvcache
+
+#endif  // KVCACHE_MODEL_CACHE_HPP
