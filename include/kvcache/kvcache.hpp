@@ -12,7 +12,12 @@
 #include <kvcache/errors.hpp>
 #include <kvcache/static_cache.hpp>
 #include <kvcache/dynamic_cache.hpp>
+#include <kvcache/frozen_cache.hpp>
+#include <kvcache/prefix_cache.hpp>
+#include <kvcache/sliding_window_cache.hpp>
+#include <kvcache/quantization.hpp>
 #include <kvcache/attend_options.hpp>
 #include <kvcache/attend.hpp>
+#include <kvcache/model_cache.hpp>
 
 #endif  // KVCACHE_KVCACHE_HPP
