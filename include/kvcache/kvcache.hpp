@@ -16,6 +16,7 @@
 #include <kvcache/prefix_cache.hpp>
 #include <kvcache/sliding_window_cache.hpp>
 #include <kvcache/quantization.hpp>
+#include <kvcache/quantized_cache.hpp>
 #include <kvcache/attend_options.hpp>
 #include <kvcache/attend.hpp>
 #include <kvcache/model_cache.hpp>

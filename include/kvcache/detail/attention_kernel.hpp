@@ -7,6 +7,7 @@
 #include <kvcache/detail/kv_view.hpp>
 #include <kvcache/mask.hpp>
 #include <kvcache/online_softmax.hpp>
+#include <kvcache/quantization.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -41,6 +42,115 @@ inline constexpr Index kKeyBlock = 64;
 /// Query rows (GQA heads x positions) one work item handles at most.
 inline constexpr Index kRowsPerItem = 64;
 
+/// The quantized blocks of a QuantSegment (KIVI, quantization.hpp) for the rows of one work
+/// item: batch row batch_idx, KV head kv_head_idx. Codes are read in place and dequantized in
+/// registers, one block of group_size tokens at a time; nothing of the cache is copied. Same
+/// SoftmaxState, MaskRules and ScoreParams as the T path of attend_item, so a quantized block
+/// and a T block combine exactly like two T blocks.
+///
+/// Scores (queries already carry score.scale): with k[t][c] = kzero[c] + kscale[c] * code[t][c]
+///   q . k[t] = sum_c (q[c] * kscale[c]) * code[t][c] + sum_c q[c] * kzero[c],
+/// so the key scales fold into the query once per block and row, the zeros into one constant.
+/// Values: with v[t][c] = vzero[t][g] + vscale[t][g] * code[t][c] (g = c / group_size),
+///   sum_t w_t v[t][c] = sum_t (w_t * vscale[t][g]) * code[t][c] + sum_t w_t * vzero[t][g],
+/// so the value scales fold into the probabilities and the zeros into one sum per group.
+template <int Bits, class Acc, class RowPosition>
+void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
+                             const ScoreParams<Acc>& score, Index batch_idx, Index kv_head_idx,
+                             Index head_dim, Index num_rows, const Acc* queries,
+                             RowPosition row_position, SoftmaxState<Acc>* states) {
+  constexpr Index per_byte = QuantBlockFormat<Bits>::codes_per_byte;
+  constexpr unsigned low_mask = QuantBlockFormat<Bits>::levels;
+  const QuantBlockFormat<Bits> format{seg.group_size, head_dim};
+  const Index group = seg.group_size;
+  const Index groups = format.groups_per_token();
+  const Index row_bytes = format.code_row_bytes();
+  const Acc minus_infinity = -std::numeric_limits<Acc>::infinity();
+
+  // Per block: key scales and zeros decoded once for all rows (2 * head_dim); per row: the
+  // folded query (head_dim), the block's scores (group) and the value zero sums (groups).
+  std::vector<Acc> scratch(static_cast<std::size_t>(4 * head_dim + group + groups));
+  Acc* const key_scales = scratch.data();
+  Acc* const key_zeros = key_scales + head_dim;
+  Acc* const folded = key_zeros + head_dim;
+  Acc* const scores = folded + head_dim;
+  Acc* const zero_sums = scores + group;
+
+  const std::uint8_t* const head_blocks =
+      seg.blocks + batch_idx * seg.batch_stride + kv_head_idx * seg.head_stride;
+  for (Index block_idx = 0; block_idx < seg.num_blocks; ++block_idx) {
+    const std::uint8_t* const block = head_blocks + block_idx * seg.bytes_per_block;
+    const Index first_p = seg.first_position + block_idx * group;
+    const std::uint8_t* const key_codes = block + format.key_codes_offset();
+    const std::uint8_t* const value_codes = block + format.value_codes_offset();
+    const std::uint8_t* const value_zeros = block + format.value_zeros_offset();
+    const std::uint8_t* const value_scales = block + format.value_scales_offset();
+    for (Index c = 0; c < head_dim; ++c) {
+      key_scales[c] = static_cast<Acc>(load_bfloat16(block + format.key_scales_offset() + 2 * c));
+      key_zeros[c] = static_cast<Acc>(load_bfloat16(block + format.key_zeros_offset() + 2 * c));
+    }
+
+    for (Index row = 0; row < num_rows; ++row) {
+      const Index t = row_position(row);
+      if (mask.past_end(t, first_p)) continue;
+      const Acc* qrow = queries + row * head_dim;
+      // Fold the key scales into the query and the zeros into one constant for this block.
+      Acc zero_term = 0;
+      for (Index c = 0; c < head_dim; ++c) {
+        folded[c] = qrow[c] * key_scales[c];
+        zero_term += qrow[c] * key_zeros[c];
+      }
+      // Scores of the visible keys of this block; -inf marks a masked key.
+      Acc block_max = minus_infinity;
+      for (Index j = 0; j < group; ++j) {
+        if (!mask.visible(batch_idx, t, first_p + j)) {
+          scores[j] = minus_infinity;
+          continue;
+        }
+        const std::uint8_t* codes = key_codes + j * row_bytes;
+        Acc dot = 0;
+        // Invariant: dot = sum of folded[c] * code[j][c] over the channels of bytes [0, i).
+        for (Index i = 0; i < row_bytes; ++i) {
+          const unsigned byte = codes[i];
+          for (Index k = 0; k < per_byte; ++k)  // int4: channel 2i low nibble, 2i + 1 high
+            dot += folded[i * per_byte + k] * static_cast<Acc>((byte >> (Bits * k)) & low_mask);
+        }
+        dot += zero_term;
+        if (score.softcap > 0) dot = score.softcap * std::tanh(dot / score.softcap);
+        scores[j] = dot;
+        block_max = std::max(block_max, dot);
+      }
+      if (block_max == minus_infinity) continue;  // nothing visible (or all scores -inf)
+
+      SoftmaxState<Acc>& state = states[row];
+      state.rescale(std::max(state.max, block_max), head_dim);
+      for (Index g = 0; g < groups; ++g) zero_sums[g] = 0;
+      // Invariant: state.sum, state.acc are relative to state.max >= every score so far;
+      // acc lacks the zero-point part sum_j w_j * vzero[j][g], which zero_sums[g] holds.
+      for (Index j = 0; j < group; ++j) {
+        if (scores[j] == minus_infinity) continue;
+        const Acc weight = std::exp(scores[j] - state.max);
+        state.sum += weight;
+        const std::uint8_t* codes = value_codes + j * row_bytes;
+        for (Index g = 0; g < groups; ++g) {
+          const Index at = 2 * format.value_group_index(j, g);
+          const Acc scaled = weight * static_cast<Acc>(load_bfloat16(value_scales + at));
+          zero_sums[g] += weight * static_cast<Acc>(load_bfloat16(value_zeros + at));
+          Acc* acc = state.acc + g * group;
+          const std::uint8_t* group_codes = codes + g * group / per_byte;
+          // Channels g * group + [0, group): whole bytes, as group is a multiple of per_byte.
+          for (Index i = 0; i < group / per_byte; ++i) {
+            const unsigned byte = group_codes[i];
+            for (Index k = 0; k < per_byte; ++k)
+              acc[i * per_byte + k] += scaled * static_cast<Acc>((byte >> (Bits * k)) & low_mask);
+          }
+        }
+      }
+      for (Index c = 0; c < head_dim; ++c) state.acc[c] += zero_sums[c / group];
+    }
+  }
+}
+
 /// One work item: batch row b, KV head kv_head, query positions [q_begin, q_end), and the
 /// `rep` query heads that read this KV head. Reads each key/value block once for all rows.
 template <class T, class Acc>
@@ -72,6 +182,16 @@ void attend_item(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& ma
       queries[row * head_dim + c] = static_cast<Acc>(src[c]) * score.scale;
     states[static_cast<std::size_t>(row)].acc = accumulators + row * head_dim;
     states[static_cast<std::size_t>(row)].clear(head_dim);
+  }
+
+  // Quantized blocks first: their positions precede every T segment's.
+  if (kv.quantized.num_blocks > 0) {
+    if (kv.quantized.bits == 8)
+      attend_quantized_blocks<8>(kv.quantized, mask, score, batch_idx, kv_head_idx, head_dim,
+                                 num_rows, queries, row_position, states.data());
+    else
+      attend_quantized_blocks<4>(kv.quantized, mask, score, batch_idx, kv_head_idx, head_dim,
+                                 num_rows, queries, row_position, states.data());
   }
 
   const Acc minus_infinity = -std::numeric_limits<Acc>::infinity();
@@ -151,6 +271,7 @@ void run_attention(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& 
   // Cost per item: the K/V bytes it reads and the flops it does, so Eigen splits finely.
   Index kv_len = 0;
   for (int s = 0; s < kv.num_segments; ++s) kv_len += kv.segments[static_cast<std::size_t>(s)].length;
+  kv_len += kv.quantized.num_blocks * kv.quantized.group_size;
   const double bytes = 2.0 * static_cast<double>(kv_len * q.shape.head_dim * Index(sizeof(T)));
   const double flops = 4.0 * static_cast<double>(rep * chunk * kv_len * q.shape.head_dim);
   device->parallelFor(num_items, Eigen::TensorOpCost(bytes, 0, flops), run_items);

@@ -8,6 +8,7 @@
 
 #include <array>
 #include <cassert>
+#include <cstdint>
 
 namespace kvcache {
 namespace detail {
@@ -24,14 +25,33 @@ struct KVSegment {
   Index length = 0;
 };
 
+/// A run of `num_blocks` quantized blocks (QuantizedKVCache, KIVI): block i of batch row b,
+/// head h holds absolute positions first_position + i * group_size + [0, group_size) and
+/// starts at blocks + b * batch_stride + h * head_stride + i * bytes_per_block (strides in
+/// bytes). Each block is in the byte format of QuantBlockFormat<bits>{group_size, head_dim}
+/// (quantization.hpp): key codes, key zeros/scales per channel, value codes, value
+/// zeros/scales per token and group. The kernel reads the codes in place.
+struct QuantSegment {
+  const std::uint8_t* blocks = nullptr;
+  Index bytes_per_block = 0;
+  Index batch_stride = 0;  ///< bytes between batch rows
+  Index head_stride = 0;   ///< bytes between heads
+  Index first_position = 0;
+  Index num_blocks = 0;
+  Index group_size = 0;
+  int bits = 0;  ///< 8 or 4
+};
+
 /// Everything the kernel reads of a cache: its segments, oldest first and non-overlapping, and
 /// the rules the cache itself imposes (a sliding window and its sinks). Valid until the cache
-/// is next modified.
+/// is next modified. A quantized cache adds at most one QuantSegment, whose positions all
+/// precede those of the T segments (the kernel visits it first).
 template <class T>
 struct KVView {
   static constexpr int kMaxSegments = 4;
   std::array<KVSegment<T>, kMaxSegments> segments{};
   int num_segments = 0;
+  QuantSegment quantized{};  ///< num_blocks 0: none
   Index batch_size = 0;
   Index num_heads = 0;
   Index head_dim = 0;
@@ -46,6 +66,13 @@ struct KVView {
     if (segment.length == 0) return;
     assert(num_segments < kMaxSegments && "kvcache: a cache gave more segments than KVView holds");
     segments[static_cast<std::size_t>(num_segments++)] = segment;
+  }
+
+  void add_quantized(const QuantSegment& segment) {
+    if (segment.num_blocks == 0) return;
+    assert(quantized.num_blocks == 0 && num_segments == 0 &&
+           "kvcache: the quantized blocks come first and once");
+    quantized = segment;
   }
 };
 
