@@ -90,12 +90,8 @@ class PrefixKVCache {
   template <class K, class V>
   void update(const K& k, const V& v) {
     const char* const where = "PrefixKVCache::update";
-    detail::check_input_tensor<T, K>();
-    detail::check_input_tensor<T, V>();
-    const detail::ConstView4<T> k_view = detail::view_of(k);
-    const detail::ConstView4<T> v_view = detail::view_of(v);
-    const Shape in = detail::check_update_shapes<Layout>(where, k_view, v_view, batch_size(),
-                                                         num_heads(), head_dim());
+    const auto [k_view, v_view, in] =
+        detail::check_update<T, Layout>(where, k, v, batch_size(), num_heads(), head_dim());
     if (in.seq == 0) return;
     if (own_length_ + in.seq > max_new_tokens())
       detail::throw_length_error(where, ": appending ", in.seq, " positions at position ",

@@ -122,12 +122,9 @@ class QuantizedKVCache {
   /// std::length_error past capacity(); in both cases the cache is unchanged.
   template <class K, class V>
   void update(const K& k, const V& v) {
-    detail::check_input_tensor<T, K>();
-    detail::check_input_tensor<T, V>();
-    const detail::ConstView4<T> k_view = detail::view_of(k);
-    const detail::ConstView4<T> v_view = detail::view_of(v);
-    const Shape in = detail::check_update_shapes<Layout>("QuantizedKVCache::update", k_view, v_view,
-                                                         batch_size_, num_heads_, head_dim_);
+    const auto [k_view, v_view, in] =
+        detail::check_update<T, Layout>("QuantizedKVCache::update", k, v, batch_size_, num_heads_,
+                                        head_dim_);
     if (in.seq == 0) return;
     if (position_ + in.seq > max_seq_len_)
       detail::throw_length_error("QuantizedKVCache::update: appending ", in.seq,

@@ -66,12 +66,12 @@ class SlidingWindowKVCache {
   /// Throws std::invalid_argument for a shape that does not fit, with the cache unchanged.
   template <class K, class V>
   void update(const K& k, const V& v) {
-    detail::check_input_tensor<T, K>();
-    detail::check_input_tensor<T, V>();
-    const detail::ConstView4<T> k_view = detail::view_of(k);
-    const detail::ConstView4<T> v_view = detail::view_of(v);
-    const Shape in = detail::check_update_shapes<Layout>(
-        "SlidingWindowKVCache::update", k_view, v_view, batch_size(), num_heads(), head_dim());
+    const detail::CheckedUpdate<T> input =
+        detail::check_update<T, Layout>("SlidingWindowKVCache::update", k, v, batch_size(),
+                                        num_heads(), head_dim());
+    const detail::ConstView4<T>& k_view = input.k;
+    const detail::ConstView4<T>& v_view = input.v;
+    const Shape& in = input.shape;
     if (in.seq == 0) return;
     const Index needed = ring_needed(in.seq);
     if (needed > ring_capacity()) grow_ring(needed);  // the only step that can throw

@@ -82,12 +82,8 @@ class ContiguousKVCache {
   /// (geometrically) or is an error. Every check runs before anything is modified.
   template <class K, class V>
   void append(const char* where, const K& k, const V& v, bool grow) {
-    check_input_tensor<T, K>();
-    check_input_tensor<T, V>();
-    const ConstView4<T> k_view = view_of(k);
-    const ConstView4<T> v_view = view_of(v);
-    const Shape in = check_update_shapes<Layout>(where, k_view, v_view, batch_size(), num_heads(),
-                                                 head_dim());
+    const auto [k_view, v_view, in] =
+        check_update<T, Layout>(where, k, v, batch_size(), num_heads(), head_dim());
     if (in.seq == 0) return;
     const Index needed = position_ + in.seq;
     if (needed > capacity()) {

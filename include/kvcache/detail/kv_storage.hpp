@@ -41,11 +41,24 @@ void zero_positions(T* dst, const Strides& strides, Index begin, Index batch_beg
                     head_dim, T(0));
 }
 
-/// Checks k and v of an update against a cache's shape and returns their common shape.
-/// Throws std::invalid_argument naming the expected and the received shape.
-template <class Layout, class T>
-Shape check_update_shapes(const char* where, const ConstView4<T>& k, const ConstView4<T>& v,
-                          Index batch_size, Index num_heads, Index head_dim) {
+/// The inputs of an update, checked: k and v as views and their common shape.
+template <class T>
+struct CheckedUpdate {
+  ConstView4<T> k;
+  ConstView4<T> v;
+  Shape shape;
+};
+
+/// Checks k and v of an update (Tensor4<T> or TensorMaps of one; other types fail to compile)
+/// against a cache's shape. Throws std::invalid_argument naming the expected and the received
+/// shape; every cache kind calls this before it modifies anything.
+template <class T, class Layout, class K, class V>
+CheckedUpdate<T> check_update(const char* where, const K& k_in, const V& v_in, Index batch_size,
+                              Index num_heads, Index head_dim) {
+  check_input_tensor<T, K>();
+  check_input_tensor<T, V>();
+  const ConstView4<T> k = view_of(k_in);
+  const ConstView4<T> v = view_of(v_in);
   if (k.dims != v.dims)
     throw_invalid_argument(where, ": k and v must have the same shape: expected v of k's shape ",
                            describe_dims<Layout>(k.dims), "; got ", describe_dims<Layout>(v.dims));
@@ -57,7 +70,7 @@ Shape check_update_shapes(const char* where, const ConstView4<T>& k, const Const
         describe_expected<Layout>("1.." + std::to_string(batch_size), std::to_string(num_heads),
                                   "new_len", std::to_string(head_dim)),
         "; got ", describe_dims<Layout>(k.dims));
-  return s;
+  return {k, v, s};
 }
 
 /// K and V buffers of shape (batch, heads, capacity, head_dim) in Layout.
