@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Configures (build/test), builds and runs kvcache's tests and examples: unit tests, API
+# conformance, the demo and the find_package / add_subdirectory / FetchContent package tests.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash scripts/deps.sh
+cmake -S . -B build/test -DCMAKE_BUILD_TYPE=Release \
+  -DKVCACHE_BUILD_TESTS=ON -DKVCACHE_BUILD_EXAMPLES=ON -DKVCACHE_BUILD_BENCHMARKS=OFF
+cmake --build build/test -j2
+ctest --test-dir build/test --output-on-failure -j2
