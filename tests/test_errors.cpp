@@ -2,6 +2,7 @@
 // that names expected and received values, and the cache exactly as it was (strong guarantee).
 #include "support/catch.hpp"
 #include "support/reference.hpp"
+#include "support/snapshot.hpp"
 
 using namespace kvtest;
 using kvcache::AttendOptions;
@@ -9,25 +10,6 @@ using kvcache::DynamicKVCache;
 using kvcache::StaticKVCache;
 
 namespace {
-
-/// Everything observable of a cache.
-template <class Cache>
-struct Snapshot {
-  explicit Snapshot(const Cache& c)
-      : size(c.size()), position(c.position()), capacity(c.capacity()),
-        bytes(c.memory_bytes()), keys(c.keys()), values(c.values()) {}
-  bool operator==(const Snapshot& o) const {
-    return size == o.size && position == o.position && capacity == o.capacity &&
-           bytes == o.bytes && equal(keys, o.keys) && equal(values, o.values);
-  }
-  Index size, position, capacity;
-  std::size_t bytes;
-  Tensor4<typename Cache::element_type> keys, values;
-};
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
 
 template <class Cache, class L>
 void check_update_errors(Cache& cache) {

@@ -4,6 +4,7 @@
 // errors with the strong guarantee, and concurrent readers of one prefix.
 #include "support/catch.hpp"
 #include "support/reference.hpp"
+#include "support/snapshot.hpp"
 
 #include <kvcache/frozen_cache.hpp>
 #include <kvcache/prefix_cache.hpp>
@@ -35,25 +36,6 @@ Tensor4<T> concat_seq(const Tensor4<T>& a, const Tensor4<T>& b) {
           at<Layout>(out, bi, h, la + s, c) = at<Layout>(b, bi, h, s, c);
       }
   return out;
-}
-
-/// Everything observable of a cache.
-template <class Cache>
-struct Snapshot {
-  explicit Snapshot(const Cache& c)
-      : size(c.size()), position(c.position()), capacity(c.capacity()),
-        bytes(c.memory_bytes()), keys(c.keys()), values(c.values()) {}
-  bool operator==(const Snapshot& o) const {
-    return size == o.size && position == o.position && capacity == o.capacity &&
-           bytes == o.bytes && equal(keys, o.keys) && equal(values, o.values);
-  }
-  Index size, position, capacity;
-  std::size_t bytes;
-  Tensor4<typename Cache::element_type> keys, values;
-};
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
 }
 
 /// A key mask of `columns` positions with every 5th position of row 1 masked out.

@@ -20,10 +20,6 @@ using kvcache::StaticKVCache;
 
 namespace {
 
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
-
 }  // namespace
 
 TEMPLATE_TEST_CASE("layers are independent caches built from the same arguments", "[model]",

@@ -34,10 +34,6 @@ struct QCase {
   static constexpr int bits = B;
 };
 
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
-
 QuantConfig config(Index group_size, Index residual_length) {
   QuantConfig c;
   c.group_size = group_size;

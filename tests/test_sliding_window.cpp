@@ -4,6 +4,7 @@
 // "key no longer held" error, bounded memory, and every error path with the cache unchanged.
 #include "support/catch.hpp"
 #include "support/reference.hpp"
+#include "support/snapshot.hpp"
 
 #include <algorithm>
 #include <initializer_list>
@@ -14,10 +15,6 @@ using kvcache::AttendOptions;
 using kvcache::SlidingWindowKVCache;
 
 namespace {
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
 
 /// Positions [first, last) of x followed by positions [first2, last2), along the seq axis.
 template <class L, class T>
@@ -87,21 +84,6 @@ struct Stream {
   Tensor4<T> k, v;
   SlidingWindowKVCache<T, L> cache;
   Index appended = 0;
-};
-
-/// Everything observable of a cache.
-template <class Cache>
-struct Snapshot {
-  explicit Snapshot(const Cache& c)
-      : size(c.size()), position(c.position()), capacity(c.capacity()),
-        bytes(c.memory_bytes()), keys(c.keys()), values(c.values()) {}
-  bool operator==(const Snapshot& o) const {
-    return size == o.size && position == o.position && capacity == o.capacity &&
-           bytes == o.bytes && equal(keys, o.keys) && equal(values, o.values);
-  }
-  Index size, position, capacity;
-  std::size_t bytes;
-  Tensor4<typename Cache::element_type> keys, values;
 };
 
 }  // namespace

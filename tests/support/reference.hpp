@@ -162,6 +162,11 @@ inline std::string describe(const std::array<Index, 4>& d) {
          ", " + std::to_string(d[3]) + "]";
 }
 
+/// True when `part` occurs in `text` (for checking exception messages).
+inline bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
 /// Calls f and returns the message of the std::exception it throws ("" if none).
 template <class F>
 std::string message_of(F&& f) {
