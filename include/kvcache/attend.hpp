@@ -24,7 +24,7 @@ struct is_kv_cache<C, std::void_t<typename C::layout_type, typename C::element_t
 
 /// Checks q and the options against a cache's view, then runs the kernel into `out`
 /// (q's shape, already allocated). Every check runs before any output is written.
-template <class Layout, class T>
+template <class Layout, KernelVariant Variant = KernelVariant::kFast, class T>
 void attend_view(const char* where, const ConstView4<T>& q, const KVView<T>& kv,
                  const AttendOptions& options, T* out) {
   using Acc = accumulator_t<T>;
@@ -85,7 +85,7 @@ void attend_view(const char* where, const ConstView4<T>& q, const KVView<T>& kv,
                               : Acc(1) / std::sqrt(static_cast<Acc>(qs.head_dim));
   score.softcap = static_cast<Acc>(options.softcap);
   QueryArgs<T> args{q.data, out, qs, Layout::strides(qs), kv.position - qs.seq};
-  run_attention(args, kv, mask, score, options.device);
+  run_attention<Variant>(args, kv, mask, score, options.device);
 }
 
 }  // namespace detail
@@ -117,6 +117,24 @@ Tensor4<typename Cache::element_type> attend(const Q& q, const Cache& cache,
                                                    options, out.data());
   return out;
 }
+
+namespace detail {
+
+/// attend() computed by the kernel's scalar reference twin (KernelVariant::kReference): the
+/// same checks and segments, one key and one query row at a time. For tests.
+template <class Q, class Cache>
+Tensor4<typename Cache::element_type> attend_with_reference_kernel(
+    const Q& q, const Cache& cache, const AttendOptions& options = {}) {
+  using T = typename Cache::element_type;
+  check_input_tensor<T, Q>();
+  const ConstView4<T> q_view = view_of(q);
+  Tensor4<T> out(q_view.dims);
+  attend_view<typename Cache::layout_type, KernelVariant::kReference>(
+      "attend", q_view, cache.attention_view(), options, out.data());
+  return out;
+}
+
+}  // namespace detail
 
 /// \brief Attention over explicit k, v tensors: key positions 0 .. k_len - 1, query row i at
 /// k_len - q_len + i. Same rules and guarantees as the cache overload.

@@ -27,6 +27,12 @@ struct MaskRules {
   /// True when no key at a position >= p is visible to the query at t (keys are visited in
   /// increasing position, so the kernel can stop).
   bool past_end(Index t, Index p) const { return causal && p > t; }
+
+  /// True when the window rule hides every key at positions [first_p, last_p] from the query
+  /// at t, none of them a sink (then it hides them from every later query too).
+  bool before_window(Index t, Index first_p, Index last_p) const {
+    return window > 0 && last_p <= t - window && first_p >= num_sink_tokens;
+  }
 };
 
 /// The tighter of two windows where 0 means none.

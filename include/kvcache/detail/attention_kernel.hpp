@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace kvcache {
@@ -151,24 +152,184 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
   }
 }
 
+/// Which implementation of the T blocks attend_item uses. kFast is what attend() runs;
+/// kReference is its scalar twin (one key and one query row at a time, straight from the
+/// definitions), kept for the tests to compare with.
+enum class KernelVariant { kFast, kReference };
+
+/// The rows of one work item and where their state lives.
+template <class Acc, class RowPosition>
+struct ItemRows {
+  Index num_rows;
+  Index head_dim;
+  const Acc* queries;          ///< (num_rows, head_dim) row-major, already times score.scale
+  Acc* accumulators;           ///< (num_rows, head_dim) row-major; states[r].acc points into it
+  SoftmaxState<Acc>* states;   ///< (num_rows)
+  RowPosition row_position;    ///< row -> absolute position t of its query
+  Index batch_idx;
+};
+
+/// One block of `block_len` keys/values of a T segment, at absolute positions first_p, ... :
+/// the scalar twin. Per row, per key: the mask rule, a dot product, the online update.
+template <class T, class Acc, class RowPosition>
+void attend_block_reference(const ItemRows<Acc, RowPosition>& rows, const MaskRules& mask,
+                            const ScoreParams<Acc>& score, const T* keys, const T* values,
+                            Index seq_stride, Index block_len, Index first_p, Acc* scores) {
+  const Acc minus_infinity = -std::numeric_limits<Acc>::infinity();
+  const Index head_dim = rows.head_dim;
+  for (Index row = 0; row < rows.num_rows; ++row) {
+    const Index t = rows.row_position(row);
+    if (mask.past_end(t, first_p)) continue;
+    const Acc* qrow = rows.queries + row * head_dim;
+    // Scores of the visible keys of this block; -inf marks a masked key.
+    Acc block_max = minus_infinity;
+    for (Index j = 0; j < block_len; ++j) {
+      if (!mask.visible(rows.batch_idx, t, first_p + j)) {
+        scores[j] = minus_infinity;
+        continue;
+      }
+      const T* krow = keys + j * seq_stride;
+      Acc dot = 0;
+      for (Index c = 0; c < head_dim; ++c) dot += qrow[c] * static_cast<Acc>(krow[c]);
+      if (score.softcap > 0) dot = score.softcap * std::tanh(dot / score.softcap);
+      scores[j] = dot;
+      block_max = std::max(block_max, dot);
+    }
+    if (block_max == minus_infinity) continue;  // nothing visible (or all scores -inf)
+
+    SoftmaxState<Acc>& state = rows.states[row];
+    state.rescale(std::max(state.max, block_max), head_dim);
+    // Invariant: state.sum, state.acc are relative to state.max >= every score so far.
+    for (Index j = 0; j < block_len; ++j) {
+      if (scores[j] == minus_infinity) continue;
+      const Acc weight = std::exp(scores[j] - state.max);
+      state.sum += weight;
+      const T* vrow = values + j * seq_stride;
+      for (Index c = 0; c < head_dim; ++c) state.acc[c] += weight * static_cast<Acc>(vrow[c]);
+    }
+  }
+}
+
+/// Rows at least this many use matrix products for a block (prefill: compute-bound, a
+/// rows x keys tile); fewer (decode: memory-bound) use one dot product / axpy per key and row,
+/// which reads each key once into L1 and needs no packing.
+inline constexpr Index kMatrixProductRows = 16;
+
+/// Sets the scores of keys a query at t must not see to -inf. Causal and window rules cut a
+/// contiguous range of the block; sinks and key masks go key by key.
+template <class ScoreRow>
+void mask_scores(ScoreRow&& s, const MaskRules& mask, Index batch_idx, Index t, Index first_p) {
+  using Acc = typename std::decay_t<ScoreRow>::Scalar;
+  const Acc minus_infinity = -std::numeric_limits<Acc>::infinity();
+  const Index n = s.size();
+  const bool sinks_inside = mask.window > 0 && first_p < mask.num_sink_tokens;
+  if (mask.key_mask != nullptr || sinks_inside) {
+    for (Index j = 0; j < n; ++j)
+      if (!mask.visible(batch_idx, t, first_p + j)) s(j) = minus_infinity;
+    return;
+  }
+  // Visible: [begin, end) of the block.
+  const Index end = mask.causal ? std::clamp<Index>(t - first_p + 1, 0, n) : n;
+  const Index begin = mask.window > 0 ? std::clamp<Index>(t - mask.window + 1 - first_p, 0, n) : 0;
+  for (Index j = 0; j < std::min(begin, n); ++j) s(j) = minus_infinity;
+  for (Index j = std::max(begin, end); j < n; ++j) s(j) = minus_infinity;
+}
+
+/// One block of `block_len` keys/values of a T segment for every row of a work item, with
+/// Eigen's vectorised products: scores S = Q K^T (rows x block), masking, softcap, the online
+/// softmax update per row, then acc += P V. Keys and values of other types than Acc (half,
+/// bfloat16) are widened into a block-sized scratch (L1/L2), never a copy of the cache.
+template <class T, class Acc, class RowPosition>
+void attend_block_fast(const ItemRows<Acc, RowPosition>& rows, const MaskRules& mask,
+                       const ScoreParams<Acc>& score, const T* keys, const T* values,
+                       Index seq_stride, Index block_len, Index first_p, Acc* score_tile,
+                       Acc* widened) {
+  using RowMatrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using StridedMap = Eigen::Map<const RowMatrix, Eigen::Unaligned, Eigen::OuterStride<>>;
+  const Acc minus_infinity = -std::numeric_limits<Acc>::infinity();
+  const Index head_dim = rows.head_dim, n = block_len;
+
+  const Acc* k_data = nullptr;
+  const Acc* v_data = nullptr;
+  Index stride = seq_stride;
+  if constexpr (std::is_same_v<T, Acc>) {
+    k_data = keys;
+    v_data = values;
+  } else {
+    using TMap = Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>,
+                            Eigen::Unaligned, Eigen::OuterStride<>>;
+    Eigen::Map<RowMatrix>(widened, n, head_dim) =
+        TMap(keys, n, head_dim, Eigen::OuterStride<>(seq_stride)).template cast<Acc>();
+    Eigen::Map<RowMatrix>(widened + kKeyBlock * head_dim, n, head_dim) =
+        TMap(values, n, head_dim, Eigen::OuterStride<>(seq_stride)).template cast<Acc>();
+    k_data = widened;
+    v_data = widened + kKeyBlock * head_dim;
+    stride = head_dim;
+  }
+  const StridedMap k(k_data, n, head_dim, Eigen::OuterStride<>(stride));
+  const StridedMap v(v_data, n, head_dim, Eigen::OuterStride<>(stride));
+  const Eigen::Map<const RowMatrix> q(rows.queries, rows.num_rows, head_dim);
+  Eigen::Map<RowMatrix> acc(rows.accumulators, rows.num_rows, head_dim);
+  Eigen::Map<RowMatrix, Eigen::Unaligned, Eigen::OuterStride<>> s(
+      score_tile, rows.num_rows, n, Eigen::OuterStride<>(kKeyBlock));
+  const bool matrix_products = rows.num_rows >= kMatrixProductRows;
+
+  if (matrix_products) {
+    s.noalias() = q * k.transpose();
+  } else {
+    for (Index j = 0; j < n; ++j)  // key j is read once, for every row
+      for (Index row = 0; row < rows.num_rows; ++row) s(row, j) = q.row(row).dot(k.row(j));
+  }
+  if (score.softcap > 0)
+    s = score.softcap * (s.array() * (Acc(1) / score.softcap)).tanh().matrix();
+
+  for (Index row = 0; row < rows.num_rows; ++row) {
+    auto s_row = s.row(row);
+    mask_scores(s_row, mask, rows.batch_idx, rows.row_position(row), first_p);
+    const Acc block_max = s_row.maxCoeff();
+    if (block_max == minus_infinity) {  // nothing visible: contributes nothing
+      s_row.setZero();
+      continue;
+    }
+    SoftmaxState<Acc>& state = rows.states[row];
+    state.rescale(std::max(state.max, block_max), head_dim);
+    // Invariant: state.sum, state.acc are relative to state.max >= every score so far. Masked
+    // keys get weight exactly 0 (a vectorised exp of -inf need not be exactly 0).
+    s_row = (s_row.array() == minus_infinity)
+                .select(Acc(0), (s_row.array() - state.max).exp())
+                .matrix();
+    state.sum += s_row.sum();
+  }
+
+  if (matrix_products) {
+    acc.noalias() += s * v;
+  } else {
+    for (Index j = 0; j < n; ++j)  // value j is read once, for every row
+      for (Index row = 0; row < rows.num_rows; ++row)
+        if (s(row, j) != Acc(0)) acc.row(row) += s(row, j) * v.row(j);
+  }
+}
+
 /// One work item: batch row b, KV head kv_head, query positions [q_begin, q_end), and the
 /// `rep` query heads that read this KV head. Reads each key/value block once for all rows.
-template <class T, class Acc>
+template <KernelVariant Variant, class T, class Acc>
 void attend_item(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& mask,
                  const ScoreParams<Acc>& score, Index batch_idx, Index kv_head_idx, Index q_begin,
                  Index q_end) {
   const Index head_dim = q.shape.head_dim;
   const Index rep = q.shape.heads / kv.num_heads;
-  const Index num_rows = rep * (q_end - q_begin);
+  const Index rows_per_head = q_end - q_begin;
+  const Index num_rows = rep * rows_per_head;
 
-  // Row r = (local head g, query position i): g = r / (q_end - q_begin), i = q_begin + r % ...
-  std::vector<Acc> workspace(static_cast<std::size_t>(num_rows * 2 * head_dim + kKeyBlock));
-  Acc* const queries = workspace.data();                 // (num_rows, head_dim), pre-scaled
+  // Row r = (local head g, query position i): g = r / rows_per_head, i = q_begin + r % ...
+  std::vector<Acc> workspace(static_cast<std::size_t>(
+      num_rows * 2 * head_dim + num_rows * kKeyBlock + 2 * kKeyBlock * head_dim));
+  Acc* const queries = workspace.data();                    // (num_rows, head_dim), pre-scaled
   Acc* const accumulators = queries + num_rows * head_dim;  // (num_rows, head_dim)
-  Acc* const scores = accumulators + num_rows * head_dim;   // (kKeyBlock)
+  Acc* const score_tile = accumulators + num_rows * head_dim;  // (num_rows, kKeyBlock)
+  Acc* const widened = score_tile + num_rows * kKeyBlock;      // (2, kKeyBlock, head_dim)
   std::vector<SoftmaxState<Acc>> states(static_cast<std::size_t>(num_rows));
 
-  const Index rows_per_head = q_end - q_begin;
   auto query_ptr = [&](Index row) {
     const Index head = kv_head_idx * rep + row / rows_per_head;
     const Index i = q_begin + row % rows_per_head;
@@ -194,47 +355,27 @@ void attend_item(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& ma
                                  num_rows, queries, row_position, states.data());
   }
 
-  const Acc minus_infinity = -std::numeric_limits<Acc>::infinity();
+  const ItemRows<Acc, decltype(row_position)> rows{num_rows,     head_dim,      queries,
+                                                   accumulators, states.data(), row_position,
+                                                   batch_idx};
+  // The item's rows sit at positions [first_t, last_t]: a block no row can see is skipped.
+  const Index first_t = q.first_position + q_begin, last_t = q.first_position + q_end - 1;
   for (int seg_idx = 0; seg_idx < kv.num_segments; ++seg_idx) {
     const KVSegment<T>& seg = kv.segments[static_cast<std::size_t>(seg_idx)];
     const Index head_offset = batch_idx * seg.strides.batch + kv_head_idx * seg.strides.head;
     for (Index block_begin = 0; block_begin < seg.length; block_begin += kKeyBlock) {
       const Index block_len = std::min(kKeyBlock, seg.length - block_begin);
       const Index first_p = seg.first_position + block_begin;
+      if (mask.past_end(last_t, first_p)) break;  // positions only grow within a segment
+      if (mask.before_window(first_t, first_p, first_p + block_len - 1)) continue;
       const T* keys = seg.keys + head_offset + block_begin * seg.strides.seq;
       const T* values = seg.values + head_offset + block_begin * seg.strides.seq;
-
-      for (Index row = 0; row < num_rows; ++row) {
-        const Index t = row_position(row);
-        if (mask.past_end(t, first_p)) continue;
-        const Acc* qrow = queries + row * head_dim;
-        // Scores of the visible keys of this block; -inf marks a masked key.
-        Acc block_max = minus_infinity;
-        for (Index j = 0; j < block_len; ++j) {
-          if (!mask.visible(batch_idx, t, first_p + j)) {
-            scores[j] = minus_infinity;
-            continue;
-          }
-          const T* krow = keys + j * seg.strides.seq;
-          Acc dot = 0;
-          for (Index c = 0; c < head_dim; ++c) dot += qrow[c] * static_cast<Acc>(krow[c]);
-          if (score.softcap > 0) dot = score.softcap * std::tanh(dot / score.softcap);
-          scores[j] = dot;
-          block_max = std::max(block_max, dot);
-        }
-        if (block_max == minus_infinity) continue;  // nothing visible (or all scores -inf)
-
-        SoftmaxState<Acc>& state = states[static_cast<std::size_t>(row)];
-        state.rescale(std::max(state.max, block_max), head_dim);
-        // Invariant: state.sum, state.acc are relative to state.max >= every score so far.
-        for (Index j = 0; j < block_len; ++j) {
-          if (scores[j] == minus_infinity) continue;
-          const Acc weight = std::exp(scores[j] - state.max);
-          state.sum += weight;
-          const T* vrow = values + j * seg.strides.seq;
-          for (Index c = 0; c < head_dim; ++c) state.acc[c] += weight * static_cast<Acc>(vrow[c]);
-        }
-      }
+      if constexpr (Variant == KernelVariant::kReference)
+        attend_block_reference(rows, mask, score, keys, values, seg.strides.seq, block_len,
+                               first_p, score_tile);
+      else
+        attend_block_fast(rows, mask, score, keys, values, seg.strides.seq, block_len, first_p,
+                          score_tile, widened);
     }
   }
 
@@ -245,7 +386,7 @@ void attend_item(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& ma
 /// Runs attention for every (batch row, KV head, chunk of query positions), on `device` when
 /// given. Work items are independent and each is computed the same way whatever thread runs
 /// it, so the result does not depend on the device.
-template <class T, class Acc>
+template <KernelVariant Variant = KernelVariant::kFast, class T, class Acc>
 void run_attention(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& mask,
                    const ScoreParams<Acc>& score, const Eigen::ThreadPoolDevice* device) {
   const Index rep = q.shape.heads / kv.num_heads;
@@ -259,7 +400,7 @@ void run_attention(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& 
       const Index kv_head_idx = (item / num_chunks) % kv.num_heads;
       const Index batch_idx = item / (num_chunks * kv.num_heads);
       const Index q_begin = chunk_idx * chunk;
-      attend_item(q, kv, mask, score, batch_idx, kv_head_idx, q_begin,
+      attend_item<Variant>(q, kv, mask, score, batch_idx, kv_head_idx, q_begin,
                   std::min(q.shape.seq, q_begin + chunk));
     }
   };
