@@ -122,9 +122,13 @@ class QuantizedKVCache {
   /// std::length_error past capacity(); in both cases the cache is unchanged.
   template <class K, class V>
   void update(const K& k, const V& v) {
-    const auto [k_view, v_view, in] =
-        detail::check_update<T, Layout>("QuantizedKVCache::update", k, v, batch_size_, num_heads_,
-                                        head_dim_);
+    // Named references, not structured bindings: the lambdas below capture them, which C++17
+    // does not allow for structured bindings (clang rejects it).
+    const detail::CheckedUpdate<T> input = detail::check_update<T, Layout>(
+        "QuantizedKVCache::update", k, v, batch_size_, num_heads_, head_dim_);
+    const detail::ConstView4<T>& k_view = input.k;
+    const detail::ConstView4<T>& v_view = input.v;
+    const Shape& in = input.shape;
     if (in.seq == 0) return;
     if (position_ + in.seq > max_seq_len_)
       detail::throw_length_error("QuantizedKVCache::update: appending ", in.seq,

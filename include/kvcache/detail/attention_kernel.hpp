@@ -5,6 +5,7 @@
 #define KVCACHE_DETAIL_ATTENTION_KERNEL_HPP
 
 #include <kvcache/detail/kv_view.hpp>
+#include <kvcache/detail/vector_math.hpp>
 #include <kvcache/mask.hpp>
 #include <kvcache/online_softmax.hpp>
 #include <kvcache/quantization.hpp>
@@ -278,7 +279,8 @@ void attend_block_fast(const ItemRows<Acc, RowPosition>& rows, const MaskRules& 
     s.noalias() = q * k.transpose();
   } else {
     for (Index j = 0; j < n; ++j)  // key j is read once, for every row
-      for (Index row = 0; row < rows.num_rows; ++row) s(row, j) = q.row(row).dot(k.row(j));
+      for (Index row = 0; row < rows.num_rows; ++row)
+        s(row, j) = dot_product(rows.queries + row * head_dim, k_data + j * stride, head_dim);
   }
   if (score.softcap > 0)
     s = score.softcap * (s.array() * (Acc(1) / score.softcap)).tanh().matrix();
@@ -298,7 +300,7 @@ void attend_block_fast(const ItemRows<Acc, RowPosition>& rows, const MaskRules& 
     s_row = (s_row.array() == minus_infinity)
                 .select(Acc(0), (s_row.array() - state.max).exp())
                 .matrix();
-    state.sum += s_row.sum();
+    state.sum += sum(score_tile + row * kKeyBlock, n);
   }
 
   if (matrix_products) {
@@ -322,12 +324,14 @@ void attend_item(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& ma
   const Index num_rows = rep * rows_per_head;
 
   // Row r = (local head g, query position i): g = r / rows_per_head, i = q_begin + r % ...
-  std::vector<Acc> workspace(static_cast<std::size_t>(
+  // Aligned, so that Eigen's elementwise loops (exp, tanh) over the tile split into scalar
+  // and vector parts the same way on every call: results do not depend on the heap.
+  std::vector<Acc, Eigen::aligned_allocator<Acc>> workspace(static_cast<std::size_t>(
       num_rows * 2 * head_dim + num_rows * kKeyBlock + 2 * kKeyBlock * head_dim));
-  Acc* const queries = workspace.data();                    // (num_rows, head_dim), pre-scaled
+  Acc* const score_tile = workspace.data();                 // (num_rows, kKeyBlock)
+  Acc* const widened = score_tile + num_rows * kKeyBlock;   // (2, kKeyBlock, head_dim)
+  Acc* const queries = widened + 2 * kKeyBlock * head_dim;  // (num_rows, head_dim), pre-scaled
   Acc* const accumulators = queries + num_rows * head_dim;  // (num_rows, head_dim)
-  Acc* const score_tile = accumulators + num_rows * head_dim;  // (num_rows, kKeyBlock)
-  Acc* const widened = score_tile + num_rows * kKeyBlock;      // (2, kKeyBlock, head_dim)
   std::vector<SoftmaxState<Acc>> states(static_cast<std::size_t>(num_rows));
 
   auto query_ptr = [&](Index row) {
