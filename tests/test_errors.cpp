@@ -136,3 +136,17 @@ TEMPLATE_TEST_CASE("tensor attend errors", "[errors]", BHSD, BSHD) {
   const Tensor4<float> q2 = random_tensor<float, L>(2, 4, 1, 4, 9);
   REQUIRE_THROWS_AS(kvcache::attend<L>(q2, k, k), std::invalid_argument);
 }
+
+TEST_CASE("sizes beyond the address space throw std::length_error, nothing wraps", "[errors]") {
+  const Index huge = Index(1) << 62;
+  REQUIRE_THROWS_AS(StaticKVCache<float>(1, huge, 1, 4), std::length_error);
+  REQUIRE_THROWS_AS(StaticKVCache<float>(huge, huge, huge, huge), std::length_error);
+  REQUIRE_THROWS_AS((kvcache::SlidingWindowKVCache<float>(1, huge, 1, 4, huge)), std::length_error);
+  REQUIRE_THROWS_AS((kvcache::Int8KVCache<float>(4, huge, 8, 64)), std::length_error);
+  DynamicKVCache<float> cache(2, 2, 4);
+  const Tensor4<float> k = random_tensor<float, BHSD>(2, 2, 3, 4, 6);
+  cache.update(k, k);
+  const Snapshot<DynamicKVCache<float>> before(cache);
+  REQUIRE_THROWS_AS(cache.reserve(huge), std::length_error);
+  REQUIRE(Snapshot<DynamicKVCache<float>>(cache) == before);
+}

@@ -356,13 +356,12 @@ TEST_CASE("edge cases: empty prefix, no own room, TensorMap input", "[prefix]") 
 
   StaticKVCache<float> prompt(1, 8, 2, 4);
   prompt.update(k, v);
-  PrefixKVCache<float> no_room(prompt.freeze(), 0);
-  REQUIRE(no_room.memory_bytes() == 0);
-  REQUIRE(no_room.capacity() == 6);
-  no_room.update(slice_seq<BHSD>(k, 0, 0), slice_seq<BHSD>(v, 0, 0));  // zero length: no-op
-  REQUIRE_THROWS_AS(no_room.update(slice_seq<BHSD>(k, 0, 1), slice_seq<BHSD>(v, 0, 1)),
-                    std::length_error);
-  REQUIRE(equal(kvcache::attend(q, no_room), kvcache::attend(q, prompt)));
+  // Zero own positions is a zero constructor argument: an error (API.md); attend over the
+  // frozen prefix itself instead.
+  REQUIRE_THROWS_AS(PrefixKVCache<float>(prompt.freeze(), 0), std::invalid_argument);
+  PrefixKVCache<float> one_more(prompt.freeze(), 1);
+  REQUIRE(one_more.capacity() == 7);
+  REQUIRE(equal(kvcache::attend(q, one_more), kvcache::attend(q, *prompt.freeze())));
 }
 
 TEMPLATE_TEST_CASE("prefix cache errors leave it unchanged", "[prefix][errors]", BHSD, BSHD) {

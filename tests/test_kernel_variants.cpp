@@ -105,3 +105,26 @@ TEMPLATE_TEST_CASE("results do not depend on where the data sits", "[kernel]", B
     REQUIRE(equal(kvcache::attend<L>(q, k, v, options), first));
   }
 }
+
+TEST_CASE("a masked non-finite value does not leak into any row", "[kernel]") {
+  // 16+ rows take the matrix-product path, which would compute 0 * inf for a masked key.
+  const Index rows = GENERATE(1, 15, 16, 64);
+  CAPTURE(rows);
+  const Index kv_len = 16, head_dim = 4;
+  kvcache::StaticKVCache<float> cache(1, kv_len, 1, head_dim);
+  const Tensor4<float> k = random_tensor<float, BHSD>(1, 1, kv_len, head_dim, 50);
+  Tensor4<float> v = random_tensor<float, BHSD>(1, 1, kv_len, head_dim, 51);
+  v(0, 0, kv_len - 1, 0) = std::numeric_limits<float>::infinity();  // seen by the last row only
+  cache.update(k, v);
+  const Tensor4<float> q = random_tensor<float, BHSD>(1, rows, 1, head_dim, 52);
+  Mask mask(1, kv_len);
+  mask.setConstant(true);
+  mask(0, kv_len - 1) = false;  // the inf value is masked for every row
+  AttendOptions options;
+  options.key_mask = &mask;
+  const Tensor4<float> out = kvcache::attend(q, cache, options);
+  for (Index i = 0; i < out.size(); ++i) REQUIRE(std::isfinite(out.data()[i]));
+  mask.setConstant(false);  // nothing visible: zeros (rule 4), not NaN
+  const Tensor4<float> none = kvcache::attend(q, cache, options);
+  for (Index i = 0; i < none.size(); ++i) REQUIRE(none.data()[i] == 0.0f);
+}

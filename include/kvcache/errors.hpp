@@ -4,6 +4,9 @@
 
 #include <kvcache/layout.hpp>
 
+#include <cstddef>
+#include <initializer_list>
+#include <limits>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -59,9 +62,33 @@ template <class... Parts>
   throw std::length_error(message("kvcache: ", parts...));
 }
 
+/// "2 x 8 x 4096 x 128": extents as a product.
+inline std::string message_of_extents(std::initializer_list<Index> extents) {
+  std::string out;
+  for (const Index extent : extents) out += (out.empty() ? "" : " x ") + std::to_string(extent);
+  return out;
+}
+
 /// Constructor arguments are extents: zero or negative is a caller's mistake.
 inline void require_positive(const char* where, const char* what, Index value) {
   if (value <= 0) throw_invalid_argument(where, ": ", what, " must be positive, got ", value);
+}
+
+/// The number of elements of a buffer with these (non-negative) extents, checked: a product
+/// that overflows, or a buffer of more bytes than a pointer difference can span, throws
+/// std::length_error instead of wrapping around into a too-small allocation.
+inline Index checked_element_count(const char* where, std::initializer_list<Index> extents,
+                                   std::size_t element_bytes) {
+  const Index limit =
+      std::numeric_limits<std::ptrdiff_t>::max() / static_cast<Index>(element_bytes);
+  Index count = 1;
+  for (const Index extent : extents) {
+    if (extent != 0 && count > limit / extent)
+      throw_length_error(where, ": a buffer of ", message_of_extents(extents), " elements of ",
+                         element_bytes, " bytes exceeds the addressable size");
+    count *= extent;
+  }
+  return count;
 }
 
 }  // namespace detail

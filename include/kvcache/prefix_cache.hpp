@@ -52,7 +52,7 @@ class PrefixKVCache {
   /// \param prefix         the shared snapshot (not copied); batch_size(), num_heads() and
   ///                       head_dim() are the prefix's. Null: std::invalid_argument.
   /// \param max_new_tokens own positions to allocate: (prefix batch, heads, max_new_tokens,
-  ///                       head_dim) keys and values. 0 is allowed; negative:
+  ///                       head_dim) keys and values. Zero or negative:
   ///                       std::invalid_argument.
   PrefixKVCache(std::shared_ptr<const Prefix> prefix, Index max_new_tokens)
       : prefix_(checked_prefix(std::move(prefix))),
@@ -148,9 +148,9 @@ class PrefixKVCache {
   }
 
   static Index checked_length(Index max_new_tokens) {
-    if (max_new_tokens < 0)
-      detail::throw_invalid_argument("PrefixKVCache: max_new_tokens must not be negative, got ",
-                                     max_new_tokens);
+    // API.md: constructor arguments that are zero or negative are errors. (A read-only view
+    // of a prefix needs no PrefixKVCache: attend over the FrozenKVCache itself.)
+    detail::require_positive("PrefixKVCache", "max_new_tokens", max_new_tokens);
     return max_new_tokens;
   }
 

@@ -109,8 +109,8 @@ class QuantizedKVCache {
         format_{config.group_size, head_dim},
         max_blocks_(quantized_positions(max_seq_len) / config.group_size),
         ring_(std::max<Index>(1, std::min(detail::unquantized_tail_capacity(config), max_seq_len))),
-        blocks_(static_cast<std::size_t>(batch_size * num_heads * max_blocks_) *
-                static_cast<std::size_t>(format_.block_bytes())),
+        blocks_(static_cast<std::size_t>(detail::checked_element_count(
+            "QuantizedKVCache", {batch_size, num_heads, max_blocks_, format_.block_bytes()}, 1))),
         tail_keys_(Layout::dims({batch_size, num_heads, ring_, head_dim})),
         tail_values_(Layout::dims({batch_size, num_heads, ring_, head_dim})) {}
 

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <limits>
 #include <utility>
 
 namespace kvcache {
@@ -144,6 +145,9 @@ class SlidingWindowKVCache {
     if (num_sink_tokens < 0)
       detail::throw_invalid_argument(kind, ": num_sink_tokens must not be negative, got ",
                                      num_sink_tokens);
+    if (window > std::numeric_limits<Index>::max() - num_sink_tokens)
+      detail::throw_length_error(kind, ": num_sink_tokens + window overflows: ", num_sink_tokens,
+                                 " + ", window);
     return detail::KVStorage<T, Layout>(batch_size, num_heads, num_sink_tokens + window,
                                         head_dim);
   }

@@ -303,7 +303,9 @@ void attend_block_fast(const ItemRows<Acc, RowPosition>& rows, const MaskRules& 
     state.sum += sum(score_tile + row * kKeyBlock, n);
   }
 
-  if (matrix_products) {
+  // The product adds 0 * v for masked keys: NaN where a masked value is inf or NaN, so a
+  // block holding such values takes the loop, which skips zero weights.
+  if (matrix_products && v.allFinite()) {
     acc.noalias() += s * v;
   } else {
     for (Index j = 0; j < n; ++j)  // value j is read once, for every row

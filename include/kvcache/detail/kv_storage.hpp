@@ -77,8 +77,10 @@ CheckedUpdate<T> check_update(const char* where, const K& k_in, const V& v_in, I
 template <class T, class Layout>
 class KVStorage {
  public:
+  /// Throws std::length_error when the buffers could not be addressed (extents whose product
+  /// overflows), before allocating anything.
   KVStorage(Index batch_size, Index num_heads, Index capacity, Index head_dim)
-      : keys_(Layout::dims({batch_size, num_heads, capacity, head_dim})),
+      : keys_(checked_dims(batch_size, num_heads, capacity, head_dim)),
         values_(Layout::dims({batch_size, num_heads, capacity, head_dim})) {}
 
   Shape shape() const { return Layout::shape(keys_.dimensions()); }
@@ -151,6 +153,12 @@ class KVStorage {
   }
 
  private:
+  static std::array<Index, 4> checked_dims(Index batch_size, Index num_heads, Index capacity,
+                                           Index head_dim) {
+    checked_element_count("cache storage", {batch_size, num_heads, capacity, head_dim}, sizeof(T));
+    return Layout::dims({batch_size, num_heads, capacity, head_dim});
+  }
+
   Tensor4<T> copy_range(const Tensor4<T>& from, Index begin, Index length) const {
     Shape out_shape = shape();
     out_shape.seq = length;
