@@ -6,6 +6,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/deps.sh
 cmake -S . -B build/test -DCMAKE_BUILD_TYPE=Release \
-  -DKVCACHE_BUILD_TESTS=ON -DKVCACHE_BUILD_EXAMPLES=ON -DKVCACHE_BUILD_BENCHMARKS=OFF
+  -DKVCACHE_BUILD_TESTS=ON -DKVCACHE_BUILD_EXAMPLES=ON -DKVCACHE_BUILD_BENCHMARKS=ON
 cmake --build build/test -j2
 ctest --test-dir build/test --output-on-failure -j2

@@ -1,0 +1,279 @@
+// kvcache benchmarks: helpers shared by the bench_*.cpp suites.
+//
+//  * deterministic random fills (fixed seeds, splitmix64: fast enough for 512 MiB caches);
+//  * the read-bandwidth probe: a plain vectorised sum over a float buffer of a given size,
+//    measured in the same binary and run as the benchmark that uses it, cached per (bytes,
+//    threads), so a "roofline" ratio survives a noisy, shared machine;
+//  * the bytes a decode step reads from a cache (what its attention_view() covers);
+//  * thread pools (Eigen::ThreadPoolDevice) by thread count;
+//  * the suites' own flags (--full) and the counters every decode benchmark reports.
+#ifndef KVCACHE_BENCH_COMMON_HPP
+#define KVCACHE_BENCH_COMMON_HPP
+
+#include <kvcache/kvcache.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace kvcache_bench {
+
+using kvcache::Index;
+template <class T>
+using Tensor4 = kvcache::Tensor4<T>;
+
+// ---------------------------------------------------------------------------------------------
+// Element type names (benchmark names and plot labels).
+
+template <class T>
+const char* dtype_name();
+template <>
+inline const char* dtype_name<float>() { return "fp32"; }
+template <>
+inline const char* dtype_name<Eigen::bfloat16>() { return "bf16"; }
+template <>
+inline const char* dtype_name<Eigen::half>() { return "fp16"; }
+template <>
+inline const char* dtype_name<double>() { return "fp64"; }
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic random numbers.
+
+/// splitmix64: a fixed seed gives the same sequence on every machine and run.
+class Random {
+ public:
+  explicit Random(std::uint64_t seed) : state_(seed) {}
+  std::uint64_t next() {
+    std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  /// Uniform in [-1, 1).
+  float uniform() {
+    return static_cast<float>(static_cast<double>(next() >> 40) * (2.0 / 16777216.0) - 1.0);
+  }
+
+ private:
+  std::uint64_t state_;
+};
+
+/// Fills n elements with uniform numbers in [-amplitude, amplitude), fixed seed.
+template <class T>
+void fill_random(T* data, std::size_t n, std::uint64_t seed, float amplitude = 1.0f) {
+  Random rng(seed);
+  for (std::size_t i = 0; i < n; ++i) data[i] = static_cast<T>(amplitude * rng.uniform());
+}
+
+/// A random BHSD tensor (batch, heads, seq, head_dim), fixed seed.
+template <class T>
+Tensor4<T> random_tensor(Index batch, Index heads, Index seq, Index head_dim,
+                         std::uint64_t seed) {
+  Tensor4<T> t(batch, heads, seq, head_dim);
+  fill_random(t.data(), static_cast<std::size_t>(t.size()), seed);
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Thread pools: one Eigen::ThreadPool per thread count, alive for the whole run.
+
+/// nullptr for 1 thread (the serial path), else a ThreadPoolDevice over a pool of `threads`.
+inline const Eigen::ThreadPoolDevice* device_for(int threads) {
+  if (threads <= 1) return nullptr;
+  struct Pool {
+    explicit Pool(int n) : pool(n), device(&pool, n) {}
+    Eigen::ThreadPool pool;
+    Eigen::ThreadPoolDevice device;
+  };
+  static std::map<int, std::unique_ptr<Pool>> pools;
+  auto& slot = pools[threads];
+  if (!slot) slot = std::make_unique<Pool>(threads);
+  return &slot->device;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The read-bandwidth probe.
+
+namespace detail {
+
+/// Sum of n floats with eight independent 8-lane accumulators (GCC/Clang vector extensions:
+/// vectorised whatever -march says, no -ffast-math needed, and the loads cannot be elided
+/// since the result is passed to benchmark::DoNotOptimize).
+inline float vector_sum(const float* data, std::size_t n) {
+  typedef float v8f __attribute__((vector_size(32)));
+  constexpr std::size_t kLanes = 8, kUnroll = 8, kStep = kLanes * kUnroll;
+  v8f acc[kUnroll] = {};
+  const std::size_t full = n - n % kStep;
+  for (std::size_t i = 0; i < full; i += kStep) {
+    for (std::size_t u = 0; u < kUnroll; ++u) {
+      v8f x;
+      std::memcpy(&x, data + i + u * kLanes, sizeof(x));  // an unaligned vector load
+      acc[u] += x;
+    }
+  }
+  v8f total = acc[0];
+  for (std::size_t u = 1; u < kUnroll; ++u) total += acc[u];
+  float sum = 0;
+  for (std::size_t l = 0; l < kLanes; ++l) sum += total[l];
+  for (std::size_t i = full; i < n; ++i) sum += data[i];
+  return sum;
+}
+
+/// One timed pass: `reps` sums over the buffer, split in `threads` contiguous slices
+/// (threads > 1: on the same Eigen pool the benchmarks use). Returns seconds.
+inline double timed_read(const float* data, std::size_t n, int threads, int reps) {
+  const auto start = std::chrono::steady_clock::now();
+  if (threads <= 1) {
+    for (int r = 0; r < reps; ++r) {
+      float s = vector_sum(data, n);
+      benchmark::DoNotOptimize(s);
+      benchmark::ClobberMemory();
+    }
+  } else {
+    const Eigen::ThreadPoolDevice* device = device_for(threads);
+    std::vector<float> partial(static_cast<std::size_t>(threads));
+    Eigen::Barrier barrier(static_cast<unsigned>(threads));
+    const std::size_t slice = (n / static_cast<std::size_t>(threads) + 63) / 64 * 64;
+    for (int t = 0; t < threads; ++t) {
+      device->enqueueNoNotification([&, t] {
+        const std::size_t begin = std::min(n, static_cast<std::size_t>(t) * slice);
+        const std::size_t end = std::min(n, begin + slice);
+        float sum = 0;
+        for (int r = 0; r < reps; ++r) {
+          sum += vector_sum(data + begin, end - begin);
+          benchmark::ClobberMemory();
+        }
+        partial[static_cast<std::size_t>(t)] = sum;
+        barrier.Notify();
+      });
+    }
+    barrier.Wait();
+    benchmark::DoNotOptimize(partial.data());
+  }
+  benchmark::ClobberMemory();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace detail
+
+/// Bytes per second of a plain vectorised read of `bytes` bytes with `threads` threads: the
+/// median of at least 7 timed passes (and at least 0.2 s) after one warm-up pass, over a
+/// buffer of exactly that size (so it sits in L2/L3 when the cache does, and streams from
+/// DRAM when the cache does). A timed pass re-reads a small buffer until it has read 64 MiB,
+/// so thread dispatch does not dominate, as a decode loop re-reads a small cache. Measured
+/// once per (bytes, threads) per process and cached.
+inline double read_bandwidth(std::size_t bytes, int threads = 1) {
+  static std::map<std::pair<std::size_t, int>, double> measured;
+  const auto key = std::make_pair(bytes, threads);
+  const auto found = measured.find(key);
+  if (found != measured.end()) return found->second;
+
+  const std::size_t n = std::max<std::size_t>(bytes / sizeof(float), 64);
+  std::vector<float> buffer(n);
+  fill_random(buffer.data(), n, /*seed=*/12345);
+  constexpr std::size_t kMinPassBytes = std::size_t(64) << 20;
+  const int reps = static_cast<int>((kMinPassBytes + n * sizeof(float) - 1) / (n * sizeof(float)));
+  detail::timed_read(buffer.data(), n, threads, reps);  // warm-up: page faults, caches, clocks
+  std::vector<double> seconds;
+  double total = 0;
+  while (seconds.size() < 7 || (total < 0.2 && seconds.size() < 1000)) {
+    seconds.push_back(detail::timed_read(buffer.data(), n, threads, reps));
+    total += seconds.back();
+  }
+  std::nth_element(seconds.begin(), seconds.begin() + static_cast<std::ptrdiff_t>(seconds.size() / 2),
+                   seconds.end());
+  const double bandwidth =
+      static_cast<double>(reps) * static_cast<double>(n * sizeof(float)) / seconds[seconds.size() / 2];
+  measured.emplace(key, bandwidth);
+  return bandwidth;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bytes a decode step reads.
+
+/// The K/V bytes attend() reads for one step over `cache`: every position of its
+/// attention_view() - T segments (keys and values) plus quantized blocks (codes, scales and
+/// zeros) - for every batch row and KV head. For a quantized cache that is codes + scales +
+/// unquantized tail of the held tokens; for a prefix cache it includes the shared prefix; for
+/// a sliding window only what the ring holds.
+template <class Cache>
+std::size_t kv_bytes_read(const Cache& cache) {
+  using T = typename Cache::element_type;
+  const auto view = cache.attention_view();
+  const auto rows = static_cast<std::size_t>(view.batch_size * view.num_heads);
+  std::size_t per_row = 0;
+  for (int s = 0; s < view.num_segments; ++s)
+    per_row += static_cast<std::size_t>(view.segments[static_cast<std::size_t>(s)].length) * 2 *
+               static_cast<std::size_t>(view.head_dim) * sizeof(T);
+  per_row += static_cast<std::size_t>(view.quantized.num_blocks) *
+             static_cast<std::size_t>(view.quantized.bytes_per_block);
+  return rows * per_row;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counters.
+
+/// Wall-clock seconds of a benchmark's timing loop (start it right before `for (auto _ :
+/// state)`, read it right after): ratios computed from it are plain counters, not "/s" rates.
+class LoopTimer {
+ public:
+  LoopTimer() : start_(std::chrono::steady_clock::now()) {}
+  double seconds() const {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  }
+
+ private:
+  std::chrono::steady_clock::time_point start_;
+};
+
+/// After the timing loop of a decode benchmark: bytes/s (SetBytesProcessed with the K/V bytes
+/// read per step) and "roofline" = (bytes/s) / (read bandwidth of as many bytes with as many
+/// threads), plus the plain numbers the plot script needs. Benchmarks must UseRealTime().
+/// `loop_seconds`: wall time of the whole timing loop (LoopTimer).
+inline void report_decode_counters(benchmark::State& state, std::size_t bytes_per_step,
+                                   double read_bytes_per_second, Index n_kv, int threads,
+                                   double loop_seconds) {
+  const auto iterations = static_cast<double>(state.iterations());
+  state.SetBytesProcessed(static_cast<std::int64_t>(bytes_per_step) * state.iterations());
+  const double bytes_per_second = iterations * static_cast<double>(bytes_per_step) / loop_seconds;
+  state.counters["roofline"] = bytes_per_second / read_bytes_per_second;
+  state.counters["GBps"] = bytes_per_second * 1e-9;
+  state.counters["read_GBps"] = read_bytes_per_second * 1e-9;
+  state.counters["kv_MiB"] = static_cast<double>(bytes_per_step) / (1024.0 * 1024.0);
+  state.counters["n_kv"] = static_cast<double>(n_kv);
+  state.counters["threads"] = threads;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Suite flags.
+
+/// Removes --full (and honours KVCACHE_BENCH_FULL=1) before benchmark::Initialize sees argv:
+/// true selects the documented full parameter set instead of the reduced default one.
+inline bool take_full_flag(int* argc, char** argv) {
+  bool full = false;
+  if (const char* env = std::getenv("KVCACHE_BENCH_FULL")) full = std::string(env) == "1";
+  int out = 1;
+  for (int i = 1; i < *argc; ++i) {
+    if (std::strcmp(argv[i], "--full") == 0)
+      full = true;
+    else
+      argv[out++] = argv[i];
+  }
+  *argc = out;
+  argv[out] = nullptr;
+  return full;
+}
+
+}  // namespace kvcache_bench
+
+#endif  // KVCACHE_BENCH_COMMON_HPP

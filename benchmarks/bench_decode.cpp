@@ -1,0 +1,177 @@
+// kvcache decode benchmark: one attend() of a single query token (q_len 1, causal) over a
+// filled cache, for every cache kind and element type, 1 and 2 threads.
+//
+// Shape: batch 1, Hq 32 query heads, Hkv 8 KV heads (GQA 4:1, Llama-3-8B), head_dim 128 or 64.
+// Kinds (the second part of every name):
+//   static_fp32, static_bf16, static_fp16  StaticKVCache<float | Eigen::bfloat16 | Eigen::half>
+//   int8, int4                             Int8KVCache<float>, Int4KVCache<float> (default
+//                                          QuantConfig: group 32, residual 32)
+//   window4096_fp32                        SlidingWindowKVCache<float>, window 4096, filled one
+//                                          token at a time (n_kv > 4096 shows the bounded cost)
+//   prefix_fp32                            PrefixKVCache<float>: n_kv/2 tokens in a frozen
+//                                          prefix, n_kv/2 of its own
+//
+// Names: decode/<kind>/D<head_dim>/nkv<n_kv>/thr<threads>, e.g.
+//   --benchmark_filter='decode/(static_fp32|int8)/D128/nkv16384/'
+//
+// Parameter sets:
+//   default (reduced): D128 x n_kv {1024, 4096, 16384} and D64 x n_kv 16384; threads {1, 2}
+//   --full (or KVCACHE_BENCH_FULL=1): D {64, 128} x n_kv {512, 1024, ..., 65536} (powers of 2);
+//                     threads {1, 2}. Slow with the scalar kernel (a 65536-token fp32 step reads
+//                     512 MiB); narrow it with --benchmark_filter.
+//
+// Counters of every benchmark (see bench_common.hpp):
+//   bytes_per_second  K/V bytes a step reads (attention_view: T segments, quantized codes +
+//                     scales + zeros + unquantized tail, the shared prefix) / real time
+//   GBps              the same in 1e9 bytes/s, measured with the loop's wall clock
+//   roofline          GBps / read bandwidth of a plain vectorised sum over as many
+//                     bytes with as many threads, measured in this process (read_GBps)
+//   kv_MiB, n_kv, threads
+#include "bench_common.hpp"
+
+#include <functional>
+#include <string>
+
+namespace {
+
+using kvcache::Index;
+using namespace kvcache_bench;
+
+constexpr Index kBatch = 1;
+constexpr Index kQueryHeads = 32;
+constexpr Index kKVHeads = 8;
+constexpr Index kWindow = 4096;
+
+// One filled cache is kept between benchmarks (the 1- and 2-thread runs of a configuration
+// are registered next to each other and share it); a new key frees the previous one first.
+template <class Cache>
+std::shared_ptr<Cache> cached_cache(const std::string& key,
+                                    const std::function<std::shared_ptr<Cache>()>& build) {
+  static std::string held_key;
+  static std::shared_ptr<void> held;
+  if (held_key != key || !held) {
+    held.reset();
+    held = build();
+    held_key = key;
+  }
+  return std::static_pointer_cast<Cache>(held);
+}
+
+template <class T>
+std::shared_ptr<kvcache::StaticKVCache<T>> build_static(Index n, Index d) {
+  auto cache = std::make_shared<kvcache::StaticKVCache<T>>(kBatch, n, kKVHeads, d);
+  cache->update(random_tensor<T>(kBatch, kKVHeads, n, d, 1), random_tensor<T>(kBatch, kKVHeads, n, d, 2));
+  return cache;
+}
+
+template <int Bits>
+std::shared_ptr<kvcache::QuantizedKVCache<float, Bits>> build_quantized(Index n, Index d) {
+  auto cache = std::make_shared<kvcache::QuantizedKVCache<float, Bits>>(kBatch, n, kKVHeads, d);
+  cache->update(random_tensor<float>(kBatch, kKVHeads, n, d, 1),
+                random_tensor<float>(kBatch, kKVHeads, n, d, 2));
+  return cache;
+}
+
+// One token per update: a longer chunk would grow the ring past the window.
+std::shared_ptr<kvcache::SlidingWindowKVCache<float>> build_window(Index n, Index d) {
+  auto cache = std::make_shared<kvcache::SlidingWindowKVCache<float>>(kBatch, kWindow, kKVHeads, d);
+  constexpr Index kPool = 256;
+  const Index token = kBatch * kKVHeads * d;
+  std::vector<float> keys(static_cast<std::size_t>(kPool * token));
+  std::vector<float> values(keys.size());
+  fill_random(keys.data(), keys.size(), 1);
+  fill_random(values.data(), values.size(), 2);
+  using Map = Eigen::TensorMap<const Tensor4<float>>;
+  for (Index i = 0; i < n; ++i) {
+    const Index at = (i % kPool) * token;
+    cache->update(Map(keys.data() + at, kBatch, kKVHeads, 1, d),
+                  Map(values.data() + at, kBatch, kKVHeads, 1, d));
+  }
+  return cache;
+}
+
+std::shared_ptr<kvcache::PrefixKVCache<float>> build_prefix(Index n, Index d) {
+  const Index prefix_len = n / 2, own = n - prefix_len;
+  std::shared_ptr<const kvcache::FrozenKVCache<float>> frozen = build_static<float>(prefix_len, d)->freeze();
+  auto cache = std::make_shared<kvcache::PrefixKVCache<float>>(frozen, own);
+  cache->update(random_tensor<float>(kBatch, kKVHeads, own, d, 3),
+                random_tensor<float>(kBatch, kKVHeads, own, d, 4));
+  return cache;
+}
+
+template <class Cache>
+void decode(benchmark::State& state, const std::string& key,
+            const std::function<std::shared_ptr<Cache>()>& build, Index n_kv, Index d,
+            int threads) {
+  using T = typename Cache::element_type;
+  const std::shared_ptr<Cache> cache = cached_cache<Cache>(key, build);
+  const Tensor4<T> q = random_tensor<T>(kBatch, kQueryHeads, 1, d, 7);
+  kvcache::AttendOptions options;
+  options.device = device_for(threads);
+  const std::size_t bytes = kv_bytes_read(*cache);
+  const double read_bw = read_bandwidth(bytes, threads);  // cached per (bytes, threads)
+
+  const LoopTimer timer;
+  for (auto _ : state) {
+    Tensor4<T> out = kvcache::attend(q, *cache, options);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  report_decode_counters(state, bytes, read_bw, n_kv, threads, timer.seconds());
+}
+
+template <class Cache>
+void register_kind(const std::string& kind, Index d, Index n, const std::vector<int>& threads,
+                   std::function<std::shared_ptr<Cache>()> build) {
+  const std::string key = kind + "/D" + std::to_string(d) + "/nkv" + std::to_string(n);
+  for (int t : threads) {
+    const std::string name = "decode/" + key + "/thr" + std::to_string(t);
+    benchmark::RegisterBenchmark(name.c_str(),
+                                 [key, build, n, d, t](benchmark::State& state) {
+                                   decode<Cache>(state, key, build, n, d, t);
+                                 })
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  }
+}
+
+void register_all(bool full) {
+  std::vector<std::pair<Index, Index>> configs;  // (head_dim, n_kv)
+  if (full) {
+    for (Index d : {Index(128), Index(64)})
+      for (Index n = 512; n <= 65536; n *= 2) configs.emplace_back(d, n);
+  } else {
+    for (Index n : {Index(1024), Index(4096), Index(16384)}) configs.emplace_back(128, n);
+    configs.emplace_back(64, 16384);
+  }
+  const std::vector<int> threads = {1, 2};
+  for (const auto& [d, n] : configs) {
+    register_kind<kvcache::StaticKVCache<float>>("static_fp32", d, n, threads,
+                                                 [n = n, d = d] { return build_static<float>(n, d); });
+    register_kind<kvcache::StaticKVCache<Eigen::bfloat16>>(
+        "static_bf16", d, n, threads, [n = n, d = d] { return build_static<Eigen::bfloat16>(n, d); });
+    register_kind<kvcache::StaticKVCache<Eigen::half>>(
+        "static_fp16", d, n, threads, [n = n, d = d] { return build_static<Eigen::half>(n, d); });
+    register_kind<kvcache::Int8KVCache<float>>("int8", d, n, threads,
+                                               [n = n, d = d] { return build_quantized<8>(n, d); });
+    register_kind<kvcache::Int4KVCache<float>>("int4", d, n, threads,
+                                               [n = n, d = d] { return build_quantized<4>(n, d); });
+    register_kind<kvcache::SlidingWindowKVCache<float>>(
+        "window4096_fp32", d, n, threads, [n = n, d = d] { return build_window(n, d); });
+    register_kind<kvcache::PrefixKVCache<float>>("prefix_fp32", d, n, threads,
+                                                 [n = n, d = d] { return build_prefix(n, d); });
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool full = kvcache_bench::take_full_flag(&argc, argv);
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::AddCustomContext("kvcache_param_set", full ? "full" : "default");
+  register_all(full);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
