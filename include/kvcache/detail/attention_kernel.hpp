@@ -278,9 +278,22 @@ void attend_block_fast(const ItemRows<Acc, RowPosition>& rows, const MaskRules& 
   if (matrix_products) {
     s.noalias() = q * k.transpose();
   } else {
-    for (Index j = 0; j < n; ++j)  // key j is read once, for every row
-      for (Index row = 0; row < rows.num_rows; ++row)
-        s(row, j) = dot_product(rows.queries + row * head_dim, k_data + j * stride, head_dim);
+    for (Index j = 0; j < n; ++j) {  // key j is read once, for every row
+      const Acc* key = k_data + j * stride;
+      Index row = 0;
+      for (; row + 4 <= rows.num_rows; row += 4) {
+        const Acc* group[4] = {rows.queries + row * head_dim, rows.queries + (row + 1) * head_dim,
+                               rows.queries + (row + 2) * head_dim,
+                               rows.queries + (row + 3) * head_dim};
+        Acc scores[4];
+        dot_rows<4>(group, key, head_dim, scores);
+        for (int r = 0; r < 4; ++r) s(row + r, j) = scores[r];
+      }
+      for (; row < rows.num_rows; ++row) {
+        const Acc* single[1] = {rows.queries + row * head_dim};
+        dot_rows<1>(single, key, head_dim, &s(row, j));
+      }
+    }
   }
   if (score.softcap > 0)
     s = score.softcap * (s.array() * (Acc(1) / score.softcap)).tanh().matrix();

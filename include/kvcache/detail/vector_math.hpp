@@ -24,19 +24,6 @@ Acc combine_lanes(Acc (&lane)[kLanes]) {
   return lane[0];
 }
 
-/// sum_c a[c] * b[c] over c in [0, n).
-template <class Acc>
-Acc dot_product(const Acc* a, const Acc* b, Index n) {
-  Acc lane[kLanes] = {};
-  Index c = 0;
-  // Invariant: lane[l] = sum of a[i] * b[i] over i < c with i % kLanes == l.
-  for (; c + kLanes <= n; c += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane[l] += a[c + l] * b[c + l];
-  Acc tail = 0;
-  for (; c < n; ++c) tail += a[c] * b[c];
-  return combine_lanes(lane) + tail;
-}
-
 /// sum_c a[c] over c in [0, n).
 template <class Acc>
 Acc sum(const Acc* a, Index n) {
@@ -48,6 +35,30 @@ Acc sum(const Acc* a, Index n) {
   Acc tail = 0;
   for (; c < n; ++c) tail += a[c];
   return combine_lanes(lane) + tail;
+}
+
+/// Dot products of `Rows` query rows (rows[r], head_dim each) with one key row, in Eigen's
+/// native packets: the key chunk is loaded once for all rows (a GQA group reads each key
+/// once), each row keeps one packet accumulator. Unaligned loads and a fixed reduction, so the
+/// result does not depend on addresses; a row's score is the same alone or in a group.
+template <int Rows, class Acc>
+void dot_rows(const Acc* const* rows, const Acc* key, Index head_dim, Acc* out) {
+  using Packet = typename Eigen::internal::packet_traits<Acc>::type;
+  constexpr Index kWidth = Eigen::internal::packet_traits<Acc>::size;
+  Packet lane[Rows];
+  for (int r = 0; r < Rows; ++r) lane[r] = Eigen::internal::pset1<Packet>(Acc(0));
+  Index c = 0;
+  // Invariant: lane[r] holds the partial sums of rows[r][i] * key[i] over i < c, by i % kWidth.
+  for (; c + kWidth <= head_dim; c += kWidth) {
+    const Packet k = Eigen::internal::ploadu<Packet>(key + c);
+    for (int r = 0; r < Rows; ++r)
+      lane[r] = Eigen::internal::pmadd(Eigen::internal::ploadu<Packet>(rows[r] + c), k, lane[r]);
+  }
+  for (int r = 0; r < Rows; ++r) {
+    Acc tail = 0;
+    for (Index i = c; i < head_dim; ++i) tail += rows[r][i] * key[i];
+    out[r] = Eigen::internal::predux(lane[r]) + tail;
+  }
 }
 
 }  // namespace detail
