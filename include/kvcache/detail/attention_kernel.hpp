@@ -321,9 +321,35 @@ void attend_block_fast(const ItemRows<Acc, RowPosition>& rows, const MaskRules& 
   if (matrix_products && v.allFinite()) {
     acc.noalias() += s * v;
   } else {
-    for (Index j = 0; j < n; ++j)  // value j is read once, for every row
-      for (Index row = 0; row < rows.num_rows; ++row)
-        if (s(row, j) != Acc(0)) acc.row(row) += s(row, j) * v.row(j);
+    // Value j is read once for every group of four rows. Zero weights (masked keys) are
+    // skipped, so a masked inf or NaN value cannot reach a row.
+    for (Index j = 0; j < n; ++j) {
+      const Acc* value = v_data + j * stride;
+      Index row = 0;
+      for (; row + 4 <= rows.num_rows; row += 4) {
+        const Acc weight[4] = {s(row, j), s(row + 1, j), s(row + 2, j), s(row + 3, j)};
+        if (weight[0] != Acc(0) && weight[1] != Acc(0) && weight[2] != Acc(0) &&
+            weight[3] != Acc(0)) {
+          Acc* group[4] = {rows.accumulators + row * head_dim,
+                           rows.accumulators + (row + 1) * head_dim,
+                           rows.accumulators + (row + 2) * head_dim,
+                           rows.accumulators + (row + 3) * head_dim};
+          axpy_rows<4>(group, weight, value, head_dim);
+          continue;
+        }
+        for (int r = 0; r < 4; ++r) {
+          if (weight[r] == Acc(0)) continue;
+          Acc* single[1] = {rows.accumulators + (row + r) * head_dim};
+          axpy_rows<1>(single, weight + r, value, head_dim);
+        }
+      }
+      for (; row < rows.num_rows; ++row) {
+        const Acc weight = s(row, j);
+        if (weight == Acc(0)) continue;
+        Acc* single[1] = {rows.accumulators + row * head_dim};
+        axpy_rows<1>(single, &weight, value, head_dim);
+      }
+    }
   }
 }
 

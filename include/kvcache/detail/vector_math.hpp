@@ -61,6 +61,26 @@ void dot_rows(const Acc* const* rows, const Acc* key, Index head_dim, Acc* out) 
   }
 }
 
+/// acc[r][c] += weight[r] * value[c] for `Rows` accumulator rows, in Eigen's native packets:
+/// the value chunk is loaded once for all rows. Every element gets the same operation alone or
+/// in a group, so grouping does not change results.
+template <int Rows, class Acc>
+void axpy_rows(Acc* const* acc, const Acc* weight, const Acc* value, Index head_dim) {
+  using Packet = typename Eigen::internal::packet_traits<Acc>::type;
+  constexpr Index kWidth = Eigen::internal::packet_traits<Acc>::size;
+  Packet w[Rows];
+  for (int r = 0; r < Rows; ++r) w[r] = Eigen::internal::pset1<Packet>(weight[r]);
+  Index c = 0;
+  for (; c + kWidth <= head_dim; c += kWidth) {
+    const Packet v = Eigen::internal::ploadu<Packet>(value + c);
+    for (int r = 0; r < Rows; ++r)
+      Eigen::internal::pstoreu(
+          acc[r] + c, Eigen::internal::pmadd(w[r], v, Eigen::internal::ploadu<Packet>(acc[r] + c)));
+  }
+  for (; c < head_dim; ++c)
+    for (int r = 0; r < Rows; ++r) acc[r][c] += weight[r] * value[c];
+}
+
 }  // namespace detail
 }  // namespace kvcache
 
