@@ -3,9 +3,12 @@
 #ifndef KVCACHE_TESTS_SUPPORT_SNAPSHOT_HPP
 #define KVCACHE_TESTS_SUPPORT_SNAPSHOT_HPP
 
+#include "catch.hpp"
 #include "reference.hpp"
 
 #include <cstddef>
+#include <stdexcept>
+#include <string>
 
 namespace kvtest {
 
@@ -22,6 +25,20 @@ struct Snapshot {
   std::size_t bytes;
   Tensor4<typename Cache::element_type> keys, values;
 };
+
+/// Requires that cache.update(k, v) throws std::invalid_argument whose message says what was
+/// expected and names `received`, and that the cache is exactly as it was.
+template <class Cache, class Tensor>
+void require_invalid_update(Cache& cache, const Tensor& k, const Tensor& v,
+                            const std::string& received) {
+  const Snapshot<Cache> before(cache);
+  REQUIRE_THROWS_AS(cache.update(k, v), std::invalid_argument);
+  const std::string what = message_of([&] { cache.update(k, v); });
+  CAPTURE(what);
+  REQUIRE(contains(what, "expected"));
+  REQUIRE(contains(what, received));
+  REQUIRE(Snapshot<Cache>(cache) == before);
+}
 
 }  // namespace kvtest
 
