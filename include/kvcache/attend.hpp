@@ -3,10 +3,12 @@
 #define KVCACHE_ATTEND_HPP
 
 #include <kvcache/attend_options.hpp>
+#include <kvcache/attend_workspace.hpp>
 #include <kvcache/detail/attention_kernel.hpp>
 #include <kvcache/errors.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <type_traits>
 #include <utility>
@@ -26,7 +28,7 @@ struct is_kv_cache<C, std::void_t<typename C::layout_type, typename C::element_t
 /// (q's shape, already allocated). Every check runs before any output is written.
 template <class Layout, KernelVariant Variant = KernelVariant::kFast, class T>
 void attend_view(const char* where, const ConstView4<T>& q, const KVView<T>& kv,
-                 const AttendOptions& options, T* out) {
+                 const AttendOptions& options, T* out, AttendWorkspace& workspace) {
   using Acc = accumulator_t<T>;
   const Shape qs = Layout::shape(q.dims);
   if (qs.batch < 1 || qs.batch > kv.batch_size || qs.heads < 1 || qs.heads % kv.num_heads != 0 ||
@@ -85,7 +87,7 @@ void attend_view(const char* where, const ConstView4<T>& q, const KVView<T>& kv,
                               : Acc(1) / std::sqrt(static_cast<Acc>(qs.head_dim));
   score.softcap = static_cast<Acc>(options.softcap);
   QueryArgs<T> args{q.data, out, qs, Layout::strides(qs), kv.position - qs.seq};
-  run_attention<Variant>(args, kv, mask, score, options.device);
+  run_attention<Variant>(args, kv, mask, score, options.device, workspace);
 }
 
 }  // namespace detail
@@ -113,9 +115,47 @@ Tensor4<typename Cache::element_type> attend(const Q& q, const Cache& cache,
   detail::check_input_tensor<T, Q>();
   const detail::ConstView4<T> q_view = detail::view_of(q);
   Tensor4<T> out(q_view.dims);
+  AttendWorkspace workspace;
   detail::attend_view<typename Cache::layout_type>("attend", q_view, cache.attention_view(),
-                                                   options, out.data());
+                                                   options, out.data(), workspace);
   return out;
+}
+
+/// \brief attend() into a caller's output, with a reusable workspace: a decode loop that keeps
+/// `out` and `workspace` across steps does not touch the heap after its first step (the
+/// serial path; a thread pool's own scheduling may allocate).
+///
+/// \param out       a Tensor4<T> or a TensorMap of one (not const), with q's shape: it is
+///                  written, never resized. Must not overlap q or the cache.
+/// \param workspace grown to what the call needs, never shrunk (AttendWorkspace)
+///
+/// Same checks, results (bit for bit) and exceptions as attend(q, cache, options), plus
+/// std::invalid_argument when out's shape is not q's. Nothing is written before every
+/// check has passed.
+template <class Q, class Cache, class Out,
+          std::enable_if_t<detail::is_tensor4_v<Q> && detail::is_kv_cache<Cache>::value &&
+                               detail::is_tensor4_v<std::remove_reference_t<Out>>,
+                           int> = 0>
+void attend(const Q& q, const Cache& cache, Out&& out, AttendWorkspace& workspace,
+            const AttendOptions& options = {}) {
+  using T = typename Cache::element_type;
+  using OutTensor = std::remove_reference_t<Out>;
+  detail::check_input_tensor<T, Q>();
+  static_assert(std::is_same_v<detail::tensor4_element_t<OutTensor>, T>,
+                "kvcache: attend's out must hold the cache's element type");
+  static_assert(!std::is_const_v<typename OutTensor::Scalar> && !std::is_const_v<OutTensor>,
+                "kvcache: attend's out must be writable (a Tensor4 or a TensorMap of a non-const "
+                "Tensor4)");
+  const detail::ConstView4<T> q_view = detail::view_of(q);
+  const auto out_dims = out.dimensions();
+  const std::array<Index, 4> out_shape{out_dims[0], out_dims[1], out_dims[2], out_dims[3]};
+  if (out_shape != q_view.dims)
+    detail::throw_invalid_argument(
+        "attend: expected out of q's shape ",
+        detail::describe_dims<typename Cache::layout_type>(q_view.dims), "; got ",
+        detail::describe_dims<typename Cache::layout_type>(out_shape));
+  detail::attend_view<typename Cache::layout_type>("attend", q_view, cache.attention_view(),
+                                                   options, out.data(), workspace);
 }
 
 namespace detail {
@@ -129,8 +169,9 @@ Tensor4<typename Cache::element_type> attend_with_reference_kernel(
   check_input_tensor<T, Q>();
   const ConstView4<T> q_view = view_of(q);
   Tensor4<T> out(q_view.dims);
+  AttendWorkspace workspace;
   attend_view<typename Cache::layout_type, KernelVariant::kReference>(
-      "attend", q_view, cache.attention_view(), options, out.data());
+      "attend", q_view, cache.attention_view(), options, out.data(), workspace);
   return out;
 }
 
@@ -172,7 +213,8 @@ Tensor4<detail::tensor4_element_t<Q>> attend(const Q& q, const K& k, const V& v,
                                    detail::describe_dims<Layout>(k_view.dims));
   kv.add({k_view.data, v_view.data, Layout::strides(ks), 0, ks.seq});
   Tensor4<T> out(q_view.dims);
-  detail::attend_view<Layout>("attend", q_view, kv, options, out.data());
+  AttendWorkspace workspace;
+  detail::attend_view<Layout>("attend", q_view, kv, options, out.data(), workspace);
   return out;
 }
 

@@ -18,6 +18,7 @@
 #include <kvcache/quantization.hpp>
 #include <kvcache/quantized_cache.hpp>
 #include <kvcache/attend_options.hpp>
+#include <kvcache/attend_workspace.hpp>
 #include <kvcache/attend.hpp>
 #include <kvcache/model_cache.hpp>
 

@@ -4,6 +4,7 @@
 #ifndef KVCACHE_DETAIL_ATTENTION_KERNEL_HPP
 #define KVCACHE_DETAIL_ATTENTION_KERNEL_HPP
 
+#include <kvcache/attend_workspace.hpp>
 #include <kvcache/detail/kv_view.hpp>
 #include <kvcache/detail/vector_math.hpp>
 #include <kvcache/mask.hpp>
@@ -13,6 +14,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -27,6 +30,11 @@ struct QueryArgs {
   Shape shape;  ///< (batch, num_q_heads, q_len, head_dim)
   Strides strides;
   Index first_position;  ///< absolute position of query row 0
+
+  /// Offset of the query row (batch row, head, position i) in data and out.
+  Index row_offset(Index batch_idx, Index head, Index i) const {
+    return batch_idx * strides.batch + head * strides.head + i * strides.seq;
+  }
 };
 
 /// Scalar parameters of the score: s = scale * (q . k), then softcap * tanh(s / softcap).
@@ -168,6 +176,7 @@ struct ItemRows {
   SoftmaxState<Acc>* states;   ///< (num_rows)
   RowPosition row_position;    ///< row -> absolute position t of its query
   Index batch_idx;
+  Index kv_head_idx;
 };
 
 /// One block of `block_len` keys/values of a T segment, at absolute positions first_p, ... :
@@ -236,64 +245,137 @@ void mask_scores(ScoreRow&& s, const MaskRules& mask, Index batch_idx, Index t, 
   for (Index j = std::max(begin, end); j < n; ++j) s(j) = minus_infinity;
 }
 
+/// The keys of the block after the current one in the same segment (length 0: none), for
+/// prefetching.
+template <class T>
+struct NextBlock {
+  const T* keys = nullptr;
+  Index length = 0;
+};
+
+/// Bytes of a cache line (x86-64 and most ARM cores): the unit of prefetching.
+inline constexpr Index kCacheLine = 64;
+
+/// Asks the cache hierarchy for the cache lines of one row of head_dim elements.
+template <class T>
+void prefetch_row(const T* row, Index head_dim) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (Index b = 0; b < head_dim * Index(sizeof(T)); b += kCacheLine)
+    Eigen::internal::prefetch(bytes + b);
+}
+
+/// Scores of a block for fewer than kMatrixProductRows rows (decode): s(row, j) = q_row . k_j,
+/// four rows at a time so each key chunk is loaded (and widened) once per four rows. Rows left
+/// over take the one-row version of the same operations, so a score does not depend on the
+/// group it was computed in.
+template <class T, class Acc, class RowPosition, class ScoreTile>
+void block_scores(const ItemRows<Acc, RowPosition>& rows, const T* keys, const T* values,
+                  Index seq_stride, Index n, const NextBlock<T>& next, ScoreTile& s) {
+  const Index head_dim = rows.head_dim;
+  for (Index j = 0; j < n; ++j) {  // key j is read once, for every row
+    const T* key = keys + j * seq_stride;
+    // While key j is in use, fetch value j of this block and key j of the next one: the
+    // memory streams stay busy during the arithmetic.
+    prefetch_row(values + j * seq_stride, head_dim);
+    if (j < next.length) prefetch_row(next.keys + j * seq_stride, head_dim);
+    Index row = 0;
+    for (; row + 4 <= rows.num_rows; row += 4) {
+      const Acc* group[4] = {rows.queries + row * head_dim, rows.queries + (row + 1) * head_dim,
+                             rows.queries + (row + 2) * head_dim,
+                             rows.queries + (row + 3) * head_dim};
+      Acc scores[4];
+      dot_rows<4, Acc, Stored<T>>(group, key, head_dim, scores);
+      for (int r = 0; r < 4; ++r) s(row + r, j) = scores[r];
+    }
+    for (; row < rows.num_rows; ++row) {
+      const Acc* single[1] = {rows.queries + row * head_dim};
+      dot_rows<1, Acc, Stored<T>>(single, key, head_dim, &s(row, j));
+    }
+  }
+}
+
+/// Whether every element of n value rows is finite (a masked key's weight is 0, and 0 * inf
+/// is NaN: such a block must skip masked keys one by one).
+template <class Acc, class T>
+bool all_finite(const T* values, Index seq_stride, Index n, Index head_dim) {
+  for (Index j = 0; j < n; ++j)
+    for (Index c = 0; c < head_dim; ++c)
+      if (!(Eigen::numext::isfinite)(static_cast<Acc>(values[j * seq_stride + c]))) return false;
+  return true;
+}
+
+/// acc += P V for the rows of a work item, P the block's probabilities (score tile, zero for
+/// masked keys). Groups of 4 rows keep their accumulators in registers (accumulate_rows);
+/// a group with a zero weight whose block holds a non-finite value instead skips its zero
+/// weights key by key, so a masked inf or NaN value cannot reach a row.
+template <class T, class Acc, class RowPosition>
+void block_values(const ItemRows<Acc, RowPosition>& rows, const Acc* probabilities,
+                  const T* values, Index seq_stride, Index n) {
+  const Index head_dim = rows.head_dim;
+  int finite = -1;  // unknown until a group has a zero weight
+  auto group = [&](auto rows_tag, Index row) {
+    constexpr int kRows = decltype(rows_tag)::value;
+    const Acc* weights = probabilities + row * kKeyBlock;
+    Acc* acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = rows.accumulators + (row + r) * head_dim;
+    bool has_zero = false;
+    for (int r = 0; r < kRows; ++r)
+      for (Index j = 0; j < n; ++j) has_zero |= weights[r * kKeyBlock + j] == Acc(0);
+    if (has_zero && finite < 0) finite = all_finite<Acc>(values, seq_stride, n, head_dim);
+    if (!has_zero || finite == 1) {
+      accumulate_rows<kRows, Acc, Stored<T>>(acc, weights, kKeyBlock, values, seq_stride, n,
+                                             head_dim);
+      return;
+    }
+    for (int r = 0; r < kRows; ++r)
+      for (Index j = 0; j < n; ++j) {
+        const Acc weight = weights[r * kKeyBlock + j];
+        if (weight != Acc(0)) axpy_rows<1>(acc + r, &weight, values + j * seq_stride, head_dim);
+      }
+  };
+  Index row = 0;
+  for (; row + 4 <= rows.num_rows; row += 4) group(std::integral_constant<int, 4>{}, row);
+  for (; row < rows.num_rows; ++row) group(std::integral_constant<int, 1>{}, row);
+}
+
 /// One block of `block_len` keys/values of a T segment for every row of a work item, with
-/// Eigen's vectorised products: scores S = Q K^T (rows x block), masking, softcap, the online
-/// softmax update per row, then acc += P V. Keys and values of other types than Acc (half,
-/// bfloat16) are widened into a block-sized scratch (L1/L2), never a copy of the cache.
+/// vectorised products: scores S = Q K^T (rows x block), masking, softcap, the online softmax
+/// update per row, then acc += P V. Decode-sized row counts read keys and values in place,
+/// widening half/bfloat16 in registers; prefill-sized ones use Eigen's matrix products, on a
+/// block-sized widened copy (L1/L2) for half/bfloat16, never a copy of the cache.
 template <class T, class Acc, class RowPosition>
 void attend_block_fast(const ItemRows<Acc, RowPosition>& rows, const MaskRules& mask,
                        const ScoreParams<Acc>& score, const T* keys, const T* values,
-                       Index seq_stride, Index block_len, Index first_p, Acc* score_tile,
-                       Acc* widened) {
+                       Index seq_stride, Index block_len, Index first_p,
+                       const NextBlock<T>& next, Acc* score_tile, Acc* widened) {
   using RowMatrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using StridedMap = Eigen::Map<const RowMatrix, Eigen::Unaligned, Eigen::OuterStride<>>;
   const Acc minus_infinity = -std::numeric_limits<Acc>::infinity();
   const Index head_dim = rows.head_dim, n = block_len;
-
-  const Acc* k_data = nullptr;
-  const Acc* v_data = nullptr;
-  Index stride = seq_stride;
-  if constexpr (std::is_same_v<T, Acc>) {
-    k_data = keys;
-    v_data = values;
-  } else {
-    using TMap = Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>,
-                            Eigen::Unaligned, Eigen::OuterStride<>>;
-    Eigen::Map<RowMatrix>(widened, n, head_dim) =
-        TMap(keys, n, head_dim, Eigen::OuterStride<>(seq_stride)).template cast<Acc>();
-    Eigen::Map<RowMatrix>(widened + kKeyBlock * head_dim, n, head_dim) =
-        TMap(values, n, head_dim, Eigen::OuterStride<>(seq_stride)).template cast<Acc>();
-    k_data = widened;
-    v_data = widened + kKeyBlock * head_dim;
-    stride = head_dim;
-  }
-  const StridedMap k(k_data, n, head_dim, Eigen::OuterStride<>(stride));
-  const StridedMap v(v_data, n, head_dim, Eigen::OuterStride<>(stride));
-  const Eigen::Map<const RowMatrix> q(rows.queries, rows.num_rows, head_dim);
-  Eigen::Map<RowMatrix> acc(rows.accumulators, rows.num_rows, head_dim);
   Eigen::Map<RowMatrix, Eigen::Unaligned, Eigen::OuterStride<>> s(
       score_tile, rows.num_rows, n, Eigen::OuterStride<>(kKeyBlock));
   const bool matrix_products = rows.num_rows >= kMatrixProductRows;
 
+  // Matrix products read Acc rows: the block itself, or its widened copy.
+  const Acc* k_data = nullptr;
+  const Acc* v_data = nullptr;
+  Index stride = seq_stride;
   if (matrix_products) {
+    if constexpr (std::is_same_v<T, Acc>) {
+      k_data = keys;
+      v_data = values;
+    } else {
+      widen_rows(keys, seq_stride, n, head_dim, widened);
+      widen_rows(values, seq_stride, n, head_dim, widened + kKeyBlock * head_dim);
+      k_data = widened;
+      v_data = widened + kKeyBlock * head_dim;
+      stride = head_dim;
+    }
+    const StridedMap k(k_data, n, head_dim, Eigen::OuterStride<>(stride));
+    const Eigen::Map<const RowMatrix> q(rows.queries, rows.num_rows, head_dim);
     s.noalias() = q * k.transpose();
   } else {
-    for (Index j = 0; j < n; ++j) {  // key j is read once, for every row
-      const Acc* key = k_data + j * stride;
-      Index row = 0;
-      for (; row + 4 <= rows.num_rows; row += 4) {
-        const Acc* group[4] = {rows.queries + row * head_dim, rows.queries + (row + 1) * head_dim,
-                               rows.queries + (row + 2) * head_dim,
-                               rows.queries + (row + 3) * head_dim};
-        Acc scores[4];
-        dot_rows<4>(group, key, head_dim, scores);
-        for (int r = 0; r < 4; ++r) s(row + r, j) = scores[r];
-      }
-      for (; row < rows.num_rows; ++row) {
-        const Acc* single[1] = {rows.queries + row * head_dim};
-        dot_rows<1>(single, key, head_dim, &s(row, j));
-      }
-    }
+    block_scores(rows, keys, values, seq_stride, n, next, s);
   }
   if (score.softcap > 0)
     s = score.softcap * (s.array() * (Acc(1) / score.softcap)).tanh().matrix();
@@ -309,101 +391,245 @@ void attend_block_fast(const ItemRows<Acc, RowPosition>& rows, const MaskRules& 
     SoftmaxState<Acc>& state = rows.states[row];
     state.rescale(std::max(state.max, block_max), head_dim);
     // Invariant: state.sum, state.acc are relative to state.max >= every score so far. Masked
-    // keys get weight exactly 0 (a vectorised exp of -inf need not be exactly 0).
-    s_row = (s_row.array() == minus_infinity)
-                .select(Acc(0), (s_row.array() - state.max).exp())
-                .matrix();
+    // keys get weight exactly 0.
+    exp_weights(score_tile + row * kKeyBlock, n, state.max);
     state.sum += sum(score_tile + row * kKeyBlock, n);
   }
 
+  if (!matrix_products) {
+    block_values(rows, score_tile, values, seq_stride, n);
+    return;
+  }
+  const StridedMap v(v_data, n, head_dim, Eigen::OuterStride<>(stride));
   // The product adds 0 * v for masked keys: NaN where a masked value is inf or NaN, so a
-  // block holding such values takes the loop, which skips zero weights.
-  if (matrix_products && v.allFinite()) {
+  // block holding such values takes the path that skips zero weights.
+  if (v.allFinite()) {
+    Eigen::Map<RowMatrix> acc(rows.accumulators, rows.num_rows, head_dim);
     acc.noalias() += s * v;
   } else {
-    // Value j is read once for every group of four rows. Zero weights (masked keys) are
-    // skipped, so a masked inf or NaN value cannot reach a row.
-    for (Index j = 0; j < n; ++j) {
-      const Acc* value = v_data + j * stride;
-      Index row = 0;
-      for (; row + 4 <= rows.num_rows; row += 4) {
-        const Acc weight[4] = {s(row, j), s(row + 1, j), s(row + 2, j), s(row + 3, j)};
-        if (weight[0] != Acc(0) && weight[1] != Acc(0) && weight[2] != Acc(0) &&
-            weight[3] != Acc(0)) {
-          Acc* group[4] = {rows.accumulators + row * head_dim,
-                           rows.accumulators + (row + 1) * head_dim,
-                           rows.accumulators + (row + 2) * head_dim,
-                           rows.accumulators + (row + 3) * head_dim};
-          axpy_rows<4>(group, weight, value, head_dim);
-          continue;
-        }
-        for (int r = 0; r < 4; ++r) {
-          if (weight[r] == Acc(0)) continue;
-          Acc* single[1] = {rows.accumulators + (row + r) * head_dim};
-          axpy_rows<1>(single, weight + r, value, head_dim);
-        }
-      }
-      for (; row < rows.num_rows; ++row) {
-        const Acc weight = s(row, j);
-        if (weight == Acc(0)) continue;
-        Acc* single[1] = {rows.accumulators + row * head_dim};
-        axpy_rows<1>(single, &weight, value, head_dim);
-      }
-    }
+    block_values(rows, score_tile, v_data, stride, n);
   }
 }
 
-/// One work item: batch row b, KV head kv_head, query positions [q_begin, q_end), and the
-/// `rep` query heads that read this KV head. Reads each key/value block once for all rows.
+/// to[i] = the bfloat16 stored little-endian at from + 2 i, for i in [0, n): exact, as a
+/// bfloat16 is the upper half of a float. Eight at a time with AVX2.
+template <class Acc>
+void widen_bfloat16(const std::uint8_t* from, Index n, Acc* to) {
+  Index i = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<Acc, float>) {
+    for (; i + 8 <= n; i += 8) {
+      const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(from + 2 * i));
+      _mm256_storeu_ps(to + i, _mm256_castsi256_ps(
+                                   _mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16)));
+    }
+  }
+#endif
+  for (; i < n; ++i) to[i] = static_cast<Acc>(load_bfloat16(from + 2 * i));
+}
+
+/// Scratch elements attend_quantized_blocks_fast needs for num_rows rows.
+inline Index quantized_scratch_size(Index num_rows, Index head_dim, Index group) {
+  const Index groups = head_dim / group;
+  return 2 * head_dim + 2 * group * groups + num_rows * (head_dim + 1 + 2 * group + groups);
+}
+
+/// The vectorised twin of attend_quantized_blocks (same folding of scales and zeros, same
+/// results up to rounding): per block, the scores of every row come from dot_rows over the key
+/// codes (each code row converted to floats in registers once per four rows), the value sum
+/// from accumulate_rows over the value codes, one value group (its own scale per token) at a
+/// time. A masked key's weight is 0 and codes are finite, so no key needs skipping.
+template <int Bits, class Acc, class RowPosition>
+void attend_quantized_blocks_fast(const QuantSegment& seg, const MaskRules& mask,
+                                  const ScoreParams<Acc>& score,
+                                  const ItemRows<Acc, RowPosition>& rows, Acc* scratch) {
+  using Source = Codes<Bits>;
+  const Index head_dim = rows.head_dim, num_rows = rows.num_rows;
+  const QuantBlockFormat<Bits> format{seg.group_size, head_dim};
+  const Index group = seg.group_size;
+  const Index groups = format.groups_per_token();
+  const Index row_bytes = format.code_row_bytes();
+  const Acc minus_infinity = -std::numeric_limits<Acc>::infinity();
+
+  Acc* const key_scales = scratch;                         // (head_dim)
+  Acc* const key_zeros = key_scales + head_dim;            // (head_dim)
+  Acc* const value_scales = key_zeros + head_dim;          // (group, groups)
+  Acc* const value_zeros = value_scales + group * groups;  // (group, groups)
+  Acc* const folded = value_zeros + group * groups;        // (num_rows, head_dim)
+  Acc* const zero_terms = folded + num_rows * head_dim;    // (num_rows)
+  Acc* const weights = zero_terms + num_rows;              // (num_rows, group)
+  Acc* const scaled = weights + num_rows * group;          // (num_rows, group)
+  Acc* const zero_sums = scaled + num_rows * group;        // (num_rows, groups)
+
+  const std::uint8_t* const head_blocks = seg.blocks + rows.batch_idx * seg.batch_stride +
+                                         rows.kv_head_idx * seg.head_stride;
+  for (Index block_idx = 0; block_idx < seg.num_blocks; ++block_idx) {
+    const std::uint8_t* const block = head_blocks + block_idx * seg.bytes_per_block;
+    const Index first_p = seg.first_position + block_idx * group;
+    const std::uint8_t* const key_codes = block + format.key_codes_offset();
+    const std::uint8_t* const value_codes = block + format.value_codes_offset();
+    // Each metadata run is head_dim bfloat16 values; value ones are indexed j * groups + g.
+    widen_bfloat16(block + format.key_scales_offset(), head_dim, key_scales);
+    widen_bfloat16(block + format.key_zeros_offset(), head_dim, key_zeros);
+    widen_bfloat16(block + format.value_scales_offset(), group * groups, value_scales);
+    widen_bfloat16(block + format.value_zeros_offset(), group * groups, value_zeros);
+
+    // Fold the key scales into each query row and the zeros into one constant per row.
+    for (Index row = 0; row < num_rows; ++row) {
+      const Acc* q = rows.queries + row * head_dim;
+      for (Index c = 0; c < head_dim; ++c) folded[row * head_dim + c] = q[c] * key_scales[c];
+      const Acc* single[1] = {q};
+      dot_rows<1, Acc, Stored<Acc>>(single, key_zeros, head_dim, zero_terms + row);
+    }
+    // Scores: each key code row is read once for every four rows. Meanwhile the next block
+    // is fetched, a share per key: its parts are not read in address order, and it spans
+    // pages, which stops the hardware prefetcher.
+    const bool has_next = block_idx + 1 < seg.num_blocks;
+    const Index lines = (seg.bytes_per_block + kCacheLine - 1) / kCacheLine;
+    for (Index j = 0; j < group; ++j) {
+      const std::uint8_t* codes = key_codes + j * row_bytes;
+      if (has_next)
+        for (Index line = j * lines / group; line < (j + 1) * lines / group; ++line)
+          Eigen::internal::prefetch(block + seg.bytes_per_block + line * kCacheLine);
+      Index row = 0;
+      for (; row + 4 <= num_rows; row += 4) {
+        const Acc* four[4] = {folded + row * head_dim, folded + (row + 1) * head_dim,
+                              folded + (row + 2) * head_dim, folded + (row + 3) * head_dim};
+        Acc out[4];
+        dot_rows<4, Acc, Source>(four, codes, head_dim, out);
+        for (int r = 0; r < 4; ++r) weights[(row + r) * group + j] = out[r] + zero_terms[row + r];
+      }
+      for (; row < num_rows; ++row) {
+        const Acc* single[1] = {folded + row * head_dim};
+        dot_rows<1, Acc, Source>(single, codes, head_dim, weights + row * group + j);
+        weights[row * group + j] += zero_terms[row];
+      }
+    }
+    // Online softmax update per row; weights become exp(s - max), 0 where masked.
+    for (Index row = 0; row < num_rows; ++row) {
+      Eigen::Map<Eigen::Matrix<Acc, 1, Eigen::Dynamic>> s_row(weights + row * group, group);
+      if (score.softcap > 0)
+        s_row = score.softcap * (s_row.array() * (Acc(1) / score.softcap)).tanh().matrix();
+      mask_scores(s_row, mask, rows.batch_idx, rows.row_position(row), first_p);
+      const Acc block_max = s_row.maxCoeff();
+      if (block_max == minus_infinity) {  // nothing visible: contributes nothing
+        s_row.setZero();
+        continue;
+      }
+      SoftmaxState<Acc>& state = rows.states[row];
+      state.rescale(std::max(state.max, block_max), head_dim);
+      // Invariant: state.sum, state.acc are relative to state.max >= every score so far; acc
+      // gets the zero-point part sum_j w_j * vzero[j][g] through zero_sums below.
+      exp_weights(weights + row * group, group, state.max);
+      state.sum += sum(weights + row * group, group);
+    }
+    // Values, one group of channels at a time: acc[c] += sum_j (w_j * vscale[j][g]) * code[j][c]
+    // + sum_j w_j * vzero[j][g].
+    for (Index row = 0; row < num_rows; ++row)
+      for (Index g = 0; g < groups; ++g) {
+        Acc zero_sum = 0;
+        for (Index j = 0; j < group; ++j)
+          zero_sum += weights[row * group + j] * value_zeros[j * groups + g];
+        zero_sums[row * groups + g] = zero_sum;
+      }
+    for (Index g = 0; g < groups; ++g) {
+      for (Index row = 0; row < num_rows; ++row)
+        for (Index j = 0; j < group; ++j)
+          scaled[row * group + j] = weights[row * group + j] * value_scales[j * groups + g];
+      const std::uint8_t* group_codes = value_codes + g * group * Bits / 8;
+      auto accumulate = [&](auto rows_tag, Index row) {
+        constexpr int kRows = decltype(rows_tag)::value;
+        Acc* acc[kRows];
+        for (int r = 0; r < kRows; ++r) acc[r] = rows.accumulators + (row + r) * head_dim + g * group;
+        accumulate_rows<kRows, Acc, Source>(acc, scaled + row * group, group, group_codes,
+                                            row_bytes, group, group);
+      };
+      Index row = 0;
+      for (; row + 4 <= num_rows; row += 4) accumulate(std::integral_constant<int, 4>{}, row);
+      for (; row < num_rows; ++row) accumulate(std::integral_constant<int, 1>{}, row);
+    }
+    for (Index row = 0; row < num_rows; ++row)
+      for (Index g = 0; g < groups; ++g) {
+        Acc* acc = rows.accumulators + row * head_dim + g * group;
+        const Acc zero_sum = zero_sums[row * groups + g];
+        for (Index c = 0; c < group; ++c) acc[c] += zero_sum;
+      }
+  }
+}
+
+/// Where one work unit's scratch lives: num_rows softmax states and the Acc scratch.
+template <class Acc>
+struct UnitScratch {
+  SoftmaxState<Acc>* states;
+  Acc* elements;
+};
+
+/// Acc elements of scratch one work unit of num_rows rows needs: score tile, widened K/V
+/// block, queries, accumulators, and the quantized blocks' scratch when there are any.
+template <class Acc>
+Index unit_scratch_elements(Index num_rows, Index head_dim, const QuantSegment& quantized) {
+  Index n = num_rows * kKeyBlock + 2 * kKeyBlock * head_dim + 2 * num_rows * head_dim;
+  if (quantized.num_blocks > 0)
+    n += quantized_scratch_size(num_rows, head_dim, quantized.group_size);
+  return n;
+}
+
+/// One work unit: batch row b, KV head kv_head, query positions [q_begin, q_end), and the
+/// `rep` query heads that read this KV head, over the held positions of `kv` (all of them, or
+/// one split of them). Reads each key/value block once for all rows. Leaves the rows' softmax
+/// states in scratch.states (their acc in scratch.elements).
 template <KernelVariant Variant, class T, class Acc>
-void attend_item(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& mask,
+void attend_unit(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& mask,
                  const ScoreParams<Acc>& score, Index batch_idx, Index kv_head_idx, Index q_begin,
-                 Index q_end) {
+                 Index q_end, const UnitScratch<Acc>& scratch) {
   const Index head_dim = q.shape.head_dim;
   const Index rep = q.shape.heads / kv.num_heads;
   const Index rows_per_head = q_end - q_begin;
   const Index num_rows = rep * rows_per_head;
 
   // Row r = (local head g, query position i): g = r / rows_per_head, i = q_begin + r % ...
-  // Aligned, so that Eigen's elementwise loops (exp, tanh) over the tile split into scalar
-  // and vector parts the same way on every call: results do not depend on the heap.
-  std::vector<Acc, Eigen::aligned_allocator<Acc>> workspace(static_cast<std::size_t>(
-      num_rows * 2 * head_dim + num_rows * kKeyBlock + 2 * kKeyBlock * head_dim));
-  Acc* const score_tile = workspace.data();                 // (num_rows, kKeyBlock)
+  // The scratch is 64-byte aligned, so Eigen's elementwise loops (tanh) over the tile split
+  // into scalar and vector parts the same way on every call: results do not depend on memory.
+  Acc* const score_tile = scratch.elements;                 // (num_rows, kKeyBlock)
   Acc* const widened = score_tile + num_rows * kKeyBlock;   // (2, kKeyBlock, head_dim)
   Acc* const queries = widened + 2 * kKeyBlock * head_dim;  // (num_rows, head_dim), pre-scaled
   Acc* const accumulators = queries + num_rows * head_dim;  // (num_rows, head_dim)
-  std::vector<SoftmaxState<Acc>> states(static_cast<std::size_t>(num_rows));
+  Acc* const quantized_scratch = accumulators + num_rows * head_dim;
+  SoftmaxState<Acc>* const states = scratch.states;
 
-  auto query_ptr = [&](Index row) {
-    const Index head = kv_head_idx * rep + row / rows_per_head;
-    const Index i = q_begin + row % rows_per_head;
-    return batch_idx * q.strides.batch + head * q.strides.head + i * q.strides.seq;
-  };
   auto row_position = [&](Index row) { return q.first_position + q_begin + row % rows_per_head; };
-
   for (Index row = 0; row < num_rows; ++row) {
-    const T* src = q.data + query_ptr(row);
+    const T* src = q.data + q.row_offset(batch_idx, kv_head_idx * rep + row / rows_per_head,
+                                         q_begin + row % rows_per_head);
     for (Index c = 0; c < head_dim; ++c)
       queries[row * head_dim + c] = static_cast<Acc>(src[c]) * score.scale;
-    states[static_cast<std::size_t>(row)].acc = accumulators + row * head_dim;
-    states[static_cast<std::size_t>(row)].clear(head_dim);
+    states[row].acc = accumulators + row * head_dim;
+    states[row].clear(head_dim);
   }
+
+  const ItemRows<Acc, decltype(row_position)> rows{
+      num_rows,     head_dim,  queries, accumulators, states, row_position,
+      batch_idx, kv_head_idx};
 
   // Quantized blocks first: their positions precede every T segment's.
   if (kv.quantized.num_blocks > 0) {
-    if (kv.quantized.bits == 8)
-      attend_quantized_blocks<8>(kv.quantized, mask, score, batch_idx, kv_head_idx, head_dim,
-                                 num_rows, queries, row_position, states.data());
-    else
-      attend_quantized_blocks<4>(kv.quantized, mask, score, batch_idx, kv_head_idx, head_dim,
-                                 num_rows, queries, row_position, states.data());
+    const QuantSegment& seg = kv.quantized;
+    if constexpr (Variant == KernelVariant::kReference) {
+      if (seg.bits == 8)
+        attend_quantized_blocks<8>(seg, mask, score, batch_idx, kv_head_idx, head_dim, num_rows,
+                                   queries, row_position, states);
+      else
+        attend_quantized_blocks<4>(seg, mask, score, batch_idx, kv_head_idx, head_dim, num_rows,
+                                   queries, row_position, states);
+    } else {
+      if (seg.bits == 8)
+        attend_quantized_blocks_fast<8>(seg, mask, score, rows, quantized_scratch);
+      else
+        attend_quantized_blocks_fast<4>(seg, mask, score, rows, quantized_scratch);
+    }
   }
 
-  const ItemRows<Acc, decltype(row_position)> rows{num_rows,     head_dim,      queries,
-                                                   accumulators, states.data(), row_position,
-                                                   batch_idx};
-  // The item's rows sit at positions [first_t, last_t]: a block no row can see is skipped.
+  // The unit's rows sit at positions [first_t, last_t]: a block no row can see is skipped.
   const Index first_t = q.first_position + q_begin, last_t = q.first_position + q_end - 1;
   for (int seg_idx = 0; seg_idx < kv.num_segments; ++seg_idx) {
     const KVSegment<T>& seg = kv.segments[static_cast<std::size_t>(seg_idx)];
@@ -415,52 +641,185 @@ void attend_item(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& ma
       if (mask.before_window(first_t, first_p, first_p + block_len - 1)) continue;
       const T* keys = seg.keys + head_offset + block_begin * seg.strides.seq;
       const T* values = seg.values + head_offset + block_begin * seg.strides.seq;
+      NextBlock<T> next;
+      if (block_begin + kKeyBlock < seg.length) {
+        next.keys = keys + kKeyBlock * seg.strides.seq;
+        next.length = std::min(kKeyBlock, seg.length - block_begin - kKeyBlock);
+      }
       if constexpr (Variant == KernelVariant::kReference)
         attend_block_reference(rows, mask, score, keys, values, seg.strides.seq, block_len,
                                first_p, score_tile);
       else
         attend_block_fast(rows, mask, score, keys, values, seg.strides.seq, block_len, first_p,
-                          score_tile, widened);
+                          next, score_tile, widened);
     }
   }
-
-  for (Index row = 0; row < num_rows; ++row)
-    states[static_cast<std::size_t>(row)].finish(q.out + query_ptr(row), head_dim);
 }
 
-/// Runs attention for every (batch row, KV head, chunk of query positions), on `device` when
-/// given. Work items are independent and each is computed the same way whatever thread runs
-/// it, so the result does not depend on the device.
+/// Split-K: a work item whose cache is long is cut into splits of the held positions, each a
+/// unit of its own, and their softmax states merged in split order. The number of splits
+/// depends only on the shapes (never on the device), so the serial path and any thread pool
+/// compute the same units and give the same bits.
+/// Units aimed at: enough for a pool to balance when there are few items (batch 1, few KV
+/// heads, one query token).
+inline constexpr Index kTargetUnits = 16;
+/// Shortest split: below it, the merge and the partial states cost more than they save.
+inline constexpr Index kMinSplitLength = 2048;
+
+/// How a call is cut into work units, and where their scratch lives in an AttendWorkspace.
+struct AttentionPlan {
+  Index rep = 1, chunk = 1, num_chunks = 0, num_items = 0;
+  Index splits = 1, split_length = 0;
+  Index max_rows = 0;       ///< rows of the largest unit
+  Index slots = 1;          ///< scratch slots: one per thread that may run units at once
+  std::size_t slot_bytes = 0;
+  std::size_t partial_bytes = 0;  ///< per unit, when splits > 1: states + accumulators
+
+  Index num_units() const { return num_items * splits; }
+  std::size_t workspace_bytes() const {
+    return static_cast<std::size_t>(slots) * slot_bytes +
+           (splits > 1 ? static_cast<std::size_t>(num_units()) * partial_bytes : 0);
+  }
+};
+
+inline std::size_t round_up_to_line(std::size_t bytes) {
+  return (bytes + kCacheLine - 1) / kCacheLine * kCacheLine;
+}
+
+template <class T, class Acc>
+AttentionPlan plan_attention(const QueryArgs<T>& q, const KVView<T>& kv,
+                             const Eigen::ThreadPoolDevice* device) {
+  AttentionPlan plan;
+  plan.rep = q.shape.heads / kv.num_heads;
+  plan.chunk = std::max<Index>(1, kRowsPerItem / plan.rep);
+  plan.num_chunks = (q.shape.seq + plan.chunk - 1) / plan.chunk;
+  plan.num_items = q.shape.batch * kv.num_heads * plan.num_chunks;
+  plan.max_rows = plan.rep * std::min(plan.chunk, q.shape.seq);
+
+  const Index held = kv.held_length();
+  plan.split_length = held;
+  if (plan.num_items > 0 && plan.num_items < kTargetUnits && held >= 2 * kMinSplitLength) {
+    const Index wanted = std::min(kTargetUnits / plan.num_items, held / kMinSplitLength);
+    // Cuts fall on key blocks and on quantized blocks.
+    Index align = kKeyBlock;
+    if (kv.quantized.num_blocks > 0) align = std::lcm(kKeyBlock, kv.quantized.group_size);
+    const Index length = ((held + wanted - 1) / wanted + align - 1) / align * align;
+    plan.splits = (held + length - 1) / length;
+    plan.split_length = length;
+  }
+  if (device != nullptr && device->numThreads() > 1 && plan.num_units() > 1)
+    plan.slots = device->numThreads() + 1;  // pool threads and the caller
+  const Index elements = unit_scratch_elements<Acc>(plan.max_rows, q.shape.head_dim, kv.quantized);
+  plan.slot_bytes = round_up_to_line(sizeof(SoftmaxState<Acc>) * plan.max_rows) +
+                    round_up_to_line(sizeof(Acc) * elements);
+  plan.partial_bytes = round_up_to_line(sizeof(Acc) * plan.max_rows * (q.shape.head_dim + 2));
+  return plan;
+}
+
+/// A unit's softmax states, saved for the merge: per row, max, sum, then head_dim accumulators.
+template <class Acc>
+void save_partial(const SoftmaxState<Acc>* states, Index num_rows, Index head_dim, Acc* to) {
+  for (Index row = 0; row < num_rows; ++row, to += head_dim + 2) {
+    to[0] = states[row].max;
+    to[1] = states[row].sum;
+    std::copy(states[row].acc, states[row].acc + head_dim, to + 2);
+  }
+}
+
+/// Runs attention for every (batch row, KV head, chunk of query positions) and, for long
+/// caches with few such items, every split of the positions; on `device` when given. Scratch
+/// comes from `workspace` (grown if needed; nothing else is allocated on the serial path).
+/// Every unit is computed the same way whatever thread runs it, and splits merge in order,
+/// so the result does not depend on the device.
 template <KernelVariant Variant = KernelVariant::kFast, class T, class Acc>
 void run_attention(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& mask,
-                   const ScoreParams<Acc>& score, const Eigen::ThreadPoolDevice* device) {
-  const Index rep = q.shape.heads / kv.num_heads;
-  const Index chunk = std::max<Index>(1, kRowsPerItem / rep);
-  const Index num_chunks = (q.shape.seq + chunk - 1) / chunk;
-  const Index num_items = q.shape.batch * kv.num_heads * num_chunks;
+                   const ScoreParams<Acc>& score, const Eigen::ThreadPoolDevice* device,
+                   AttendWorkspace& workspace) {
+  const AttentionPlan plan = plan_attention<T, Acc>(q, kv, device);
+  workspace.reserve(plan.workspace_bytes());
+  unsigned char* const base = workspace.data();
+  unsigned char* const partials = base + static_cast<std::size_t>(plan.slots) * plan.slot_bytes;
+  const Index head_dim = q.shape.head_dim;
 
-  auto run_items = [&](Index first, Index last) {
-    for (Index item = first; item < last; ++item) {
-      const Index chunk_idx = item % num_chunks;
-      const Index kv_head_idx = (item / num_chunks) % kv.num_heads;
-      const Index batch_idx = item / (num_chunks * kv.num_heads);
-      const Index q_begin = chunk_idx * chunk;
-      attend_item<Variant>(q, kv, mask, score, batch_idx, kv_head_idx, q_begin,
-                  std::min(q.shape.seq, q_begin + chunk));
+  struct Item {
+    Index batch_idx, kv_head_idx, q_begin, q_end, num_rows;
+  };
+  auto item_at = [&](Index item) {
+    const Index chunk_idx = item % plan.num_chunks;
+    const Index kv_head_idx = (item / plan.num_chunks) % kv.num_heads;
+    const Index batch_idx = item / (plan.num_chunks * kv.num_heads);
+    const Index q_begin = chunk_idx * plan.chunk;
+    const Index q_end = std::min(q.shape.seq, q_begin + plan.chunk);
+    return Item{batch_idx, kv_head_idx, q_begin, q_end, plan.rep * (q_end - q_begin)};
+  };
+  auto write_rows = [&](const Item& it, const SoftmaxState<Acc>* states) {
+    for (Index row = 0; row < it.num_rows; ++row) {
+      const Index rows_per_head = it.q_end - it.q_begin;
+      const Index head = it.kv_head_idx * plan.rep + row / rows_per_head;
+      states[row].finish(q.out + q.row_offset(it.batch_idx, head, it.q_begin + row % rows_per_head),
+                         head_dim);
     }
   };
 
-  if (device == nullptr || device->numThreads() <= 1 || num_items <= 1) {
-    run_items(0, num_items);
-    return;
+  auto run_units = [&](Index first, Index last) {
+    // The slot of this thread: pool threads 0 .. n-1 take slots 1 .. n, the caller slot 0.
+    const Index slot = plan.slots > 1 ? device->currentThreadId() + 1 : 0;
+    unsigned char* const mine = base + static_cast<std::size_t>(slot) * plan.slot_bytes;
+    auto* const states = reinterpret_cast<SoftmaxState<Acc>*>(mine);
+    std::uninitialized_default_construct_n(states, plan.max_rows);
+    UnitScratch<Acc> scratch{
+        states,
+        reinterpret_cast<Acc*>(mine + round_up_to_line(sizeof(SoftmaxState<Acc>) * plan.max_rows))};
+    for (Index unit = first; unit < last; ++unit) {
+      const Item it = item_at(unit / plan.splits);
+      const Index split = unit % plan.splits;
+      if (plan.splits == 1) {
+        attend_unit<Variant>(q, kv, mask, score, it.batch_idx, it.kv_head_idx, it.q_begin,
+                             it.q_end, scratch);
+        write_rows(it, scratch.states);
+      } else {
+        const KVView<T> part =
+            kv.clipped(split * plan.split_length, (split + 1) * plan.split_length);
+        attend_unit<Variant>(q, part, mask, score, it.batch_idx, it.kv_head_idx, it.q_begin,
+                             it.q_end, scratch);
+        save_partial(scratch.states, it.num_rows, head_dim,
+                     reinterpret_cast<Acc*>(partials + static_cast<std::size_t>(unit) *
+                                                           plan.partial_bytes));
+      }
+    }
+  };
+
+  if (plan.slots == 1) {
+    run_units(0, plan.num_units());
+  } else {
+    // Cost per unit: the K/V bytes it reads and the flops it does, so Eigen splits finely.
+    const double length = static_cast<double>(plan.split_length);
+    const double bytes = 2.0 * length * static_cast<double>(head_dim * Index(sizeof(T)));
+    const double flops = 4.0 * static_cast<double>(plan.max_rows) * length * head_dim;
+    device->parallelFor(plan.num_units(), Eigen::TensorOpCost(bytes, 0, flops), run_units);
   }
-  // Cost per item: the K/V bytes it reads and the flops it does, so Eigen splits finely.
-  Index kv_len = 0;
-  for (int s = 0; s < kv.num_segments; ++s) kv_len += kv.segments[static_cast<std::size_t>(s)].length;
-  kv_len += kv.quantized.num_blocks * kv.quantized.group_size;
-  const double bytes = 2.0 * static_cast<double>(kv_len * q.shape.head_dim * Index(sizeof(T)));
-  const double flops = 4.0 * static_cast<double>(rep * chunk * kv_len * q.shape.head_dim);
-  device->parallelFor(num_items, Eigen::TensorOpCost(bytes, 0, flops), run_items);
+  if (plan.splits == 1) return;
+
+  // Merge each item's splits in order (split 0 absorbs the others) and write its rows.
+  SoftmaxState<Acc>* const states = reinterpret_cast<SoftmaxState<Acc>*>(base);
+  std::uninitialized_default_construct_n(states, plan.max_rows);
+  for (Index item = 0; item < plan.num_items; ++item) {
+    const Item it = item_at(item);
+    auto partial = [&](Index split, Index row) {
+      return reinterpret_cast<Acc*>(partials + static_cast<std::size_t>(item * plan.splits + split) *
+                                                   plan.partial_bytes) +
+             row * (head_dim + 2);
+    };
+    for (Index row = 0; row < it.num_rows; ++row) {
+      Acc* first = partial(0, row);
+      states[row] = SoftmaxState<Acc>{first[0], first[1], first + 2};
+      for (Index split = 1; split < plan.splits; ++split) {
+        Acc* other = partial(split, row);
+        states[row].merge(SoftmaxState<Acc>{other[0], other[1], other + 2}, head_dim);
+      }
+    }
+    write_rows(it, states);
+  }
 }
 
 }  // namespace detail

@@ -6,6 +6,7 @@
 
 #include <kvcache/layout.hpp>
 
+#include <algorithm>
 #include <array>
 #include <cassert>
 #include <cstdint>
@@ -73,6 +74,49 @@ struct KVView {
     assert(quantized.num_blocks == 0 && num_segments == 0 &&
            "kvcache: the quantized blocks come first and once");
     quantized = segment;
+  }
+
+  /// Positions held: those of the quantized blocks and of every segment.
+  Index held_length() const {
+    Index n = quantized.num_blocks * quantized.group_size;
+    for (int s = 0; s < num_segments; ++s) n += segments[static_cast<std::size_t>(s)].length;
+    return n;
+  }
+
+  /// The same view restricted to the held positions [begin, end) in held order (oldest
+  /// first), for split-K. A cut inside the quantized blocks must fall on a block boundary.
+  KVView clipped(Index begin, Index end) const {
+    KVView part = *this;
+    part.quantized = QuantSegment{};
+    part.num_segments = 0;
+    Index offset = 0;  // held index of the current run's first position
+    if (quantized.num_blocks > 0) {
+      const Index length = quantized.num_blocks * quantized.group_size;
+      const Index from = std::max(begin, offset), to = std::min(end, offset + length);
+      if (from < to) {
+        assert(from % quantized.group_size == 0 && to % quantized.group_size == 0 &&
+               "kvcache: split-K cuts quantized blocks only at block boundaries");
+        part.quantized = quantized;
+        part.quantized.blocks += from / quantized.group_size * quantized.bytes_per_block;
+        part.quantized.first_position += from;
+        part.quantized.num_blocks = (to - from) / quantized.group_size;
+      }
+      offset += length;
+    }
+    for (int s = 0; s < num_segments; ++s) {
+      const KVSegment<T>& seg = segments[static_cast<std::size_t>(s)];
+      const Index from = std::max(begin, offset), to = std::min(end, offset + seg.length);
+      if (from < to) {
+        KVSegment<T> cut = seg;
+        cut.keys += (from - offset) * seg.strides.seq;
+        cut.values += (from - offset) * seg.strides.seq;
+        cut.first_position += from - offset;
+        cut.length = to - from;
+        part.add(cut);
+      }
+      offset += seg.length;
+    }
+    return part;
   }
 };
 
