@@ -55,7 +55,6 @@ inline constexpr Index kPacketWidth = Eigen::internal::packet_traits<Acc>::size;
 /// (F16C's vcvtph2ps for half, a 16-bit shift for bfloat16); otherwise element by element.
 template <class Acc, class T>
 PacketOf<Acc> load_widened(const T* from) {
-  using Eigen::internal::packet_traits;
   if constexpr (std::is_same_v<T, Acc>) {
     return Eigen::internal::ploadu<PacketOf<Acc>>(from);
 #if defined(__AVX512F__)
@@ -70,11 +69,19 @@ PacketOf<Acc> load_widened(const T* from) {
     // configuration never sets under g++: convert here instead.
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(from)));
 #endif
+#if defined(__AVX512F__)
   } else if constexpr (std::is_same_v<Acc, float> && std::is_same_v<T, Eigen::bfloat16> &&
-                       packet_traits<T>::Vectorizable &&
-                       packet_traits<T>::size == kPacketWidth<float>) {
-    return Eigen::internal::Bf16ToF32(
-        Eigen::internal::ploadu<typename packet_traits<T>::type>(from));
+                       kPacketWidth<float> == 16) {
+    const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+#endif
+#if defined(__AVX2__)
+  } else if constexpr (std::is_same_v<Acc, float> && std::is_same_v<T, Eigen::bfloat16> &&
+                       kPacketWidth<float> == 8) {
+    // A bfloat16 is the upper half of a float: zero-extend to 32 bits and shift.
+    const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(from));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+#endif
   } else {
     alignas(64) Acc widened[kPacketWidth<Acc>];
     for (Index i = 0; i < kPacketWidth<Acc>; ++i) widened[i] = static_cast<Acc>(from[i]);
@@ -106,9 +113,9 @@ struct Codes {
   using Element = std::uint8_t;  ///< row strides count bytes
   template <class Acc>
   static PacketOf<Acc> packet(const std::uint8_t* row, Index c) {
-    const std::uint8_t* at = row + c * Bits / 8;
 #if defined(__AVX2__)
     if constexpr (std::is_same_v<Acc, float> && kPacketWidth<float> == 8) {
+      const std::uint8_t* at = row + c * Bits / 8;
       if constexpr (Bits == 8) {
         const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(at));
         return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
