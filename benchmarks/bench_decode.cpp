@@ -1,7 +1,8 @@
 // kvcache decode benchmark: one attend() of a single query token (q_len 1, causal) over a
 // filled cache, for every cache kind and element type, 1 and 2 threads.
 //
-// Shape: batch 1, Hq 32 query heads, Hkv 8 KV heads (GQA 4:1, Llama-3-8B), head_dim 128 or 64.
+// Shape: batch 1, Hq 32 query heads, Hkv 8 KV heads (GQA 4:1, Llama-3-8B), head_dim 128 or 64
+// (static_fp32_1kv: Hq 4, Hkv 1).
 // Kinds (the second part of every name):
 //   static_fp32, static_bf16, static_fp16  StaticKVCache<float | Eigen::bfloat16 | Eigen::half>
 //   int8, int4                             Int8KVCache<float>, Int4KVCache<float> (default
@@ -10,6 +11,11 @@
 //                                          token at a time (n_kv > 4096 shows the bounded cost)
 //   prefix_fp32                            PrefixKVCache<float>: n_kv/2 tokens in a frozen
 //                                          prefix, n_kv/2 of its own
+//   static_fp32_1kv                        StaticKVCache<float> with ONE KV head (4 query
+//                                          heads): one work item, so threads need split-K
+//
+// Each step is attend(q, cache, out, workspace, options): the output and the workspace are
+// reused, as in an engine's decode loop, so no step allocates.
 //
 // Names: decode/<kind>/D<head_dim>/nkv<n_kv>/thr<threads>, e.g.
 //   --benchmark_filter='decode/(static_fp32|int8)/D128/nkv16384/'
@@ -58,9 +64,11 @@ std::shared_ptr<Cache> cached_cache(const std::string& key,
 }
 
 template <class T>
-std::shared_ptr<kvcache::StaticKVCache<T>> build_static(Index n, Index d) {
-  auto cache = std::make_shared<kvcache::StaticKVCache<T>>(kBatch, n, kKVHeads, d);
-  cache->update(random_tensor<T>(kBatch, kKVHeads, n, d, 1), random_tensor<T>(kBatch, kKVHeads, n, d, 2));
+std::shared_ptr<kvcache::StaticKVCache<T>> build_static(Index n, Index d,
+                                                        Index kv_heads = kKVHeads) {
+  auto cache = std::make_shared<kvcache::StaticKVCache<T>>(kBatch, n, kv_heads, d);
+  cache->update(random_tensor<T>(kBatch, kv_heads, n, d, 1),
+                random_tensor<T>(kBatch, kv_heads, n, d, 2));
   return cache;
 }
 
@@ -105,15 +113,19 @@ void decode(benchmark::State& state, const std::string& key,
             int threads) {
   using T = typename Cache::element_type;
   const std::shared_ptr<Cache> cache = cached_cache<Cache>(key, build);
-  const Tensor4<T> q = random_tensor<T>(kBatch, kQueryHeads, 1, d, 7);
+  // GQA 4:1 whatever the cache's KV heads (8, or 1 for the split-K case).
+  const Tensor4<T> q = random_tensor<T>(kBatch, kQueryHeads / kKVHeads * cache->num_heads(), 1, d, 7);
   kvcache::AttendOptions options;
   options.device = device_for(threads);
   const std::size_t bytes = kv_bytes_read(*cache);
   const double read_bw = read_bandwidth(bytes, threads);  // cached per (bytes, threads)
 
+  // The decode loop of an engine: one output and one workspace for every step, no allocation.
+  Tensor4<T> out(q.dimensions());
+  kvcache::AttendWorkspace workspace;
   const LoopTimer timer;
   for (auto _ : state) {
-    Tensor4<T> out = kvcache::attend(q, *cache, options);
+    kvcache::attend(q, *cache, out, workspace, options);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
@@ -160,6 +172,8 @@ void register_all(bool full) {
         "window4096_fp32", d, n, threads, [n = n, d = d] { return build_window(n, d); });
     register_kind<kvcache::PrefixKVCache<float>>("prefix_fp32", d, n, threads,
                                                  [n = n, d = d] { return build_prefix(n, d); });
+    register_kind<kvcache::StaticKVCache<float>>(
+        "static_fp32_1kv", d, n, threads, [n = n, d = d] { return build_static<float>(n, d, 1); });
   }
 }
 
