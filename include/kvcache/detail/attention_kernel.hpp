@@ -431,7 +431,7 @@ void widen_bfloat16(const std::uint8_t* from, Index n, Acc* to) {
 /// Scratch elements attend_quantized_blocks_fast needs for num_rows rows.
 inline Index quantized_scratch_size(Index num_rows, Index head_dim, Index group) {
   const Index groups = head_dim / group;
-  return 2 * head_dim + 2 * group * groups + num_rows * (head_dim + 1 + 2 * group + groups);
+  return 4 * head_dim + 2 * group * groups + num_rows * (head_dim + 1 + 2 * group + groups);
 }
 
 /// The vectorised twin of attend_quantized_blocks (same folding of scales and zeros, same
@@ -453,9 +453,10 @@ void attend_quantized_blocks_fast(const QuantSegment& seg, const MaskRules& mask
 
   Acc* const key_scales = scratch;                         // (head_dim)
   Acc* const key_zeros = key_scales + head_dim;            // (head_dim)
-  Acc* const value_scales = key_zeros + head_dim;          // (group, groups)
-  Acc* const value_zeros = value_scales + group * groups;  // (group, groups)
-  Acc* const folded = value_zeros + group * groups;        // (num_rows, head_dim)
+  Acc* const value_scales = key_zeros + head_dim;          // (groups, group)
+  Acc* const value_zeros = value_scales + group * groups;  // (groups, group)
+  Acc* const staging = value_zeros + group * groups;       // (2, head_dim): as stored
+  Acc* const folded = staging + 2 * head_dim;              // (num_rows, head_dim)
   Acc* const zero_terms = folded + num_rows * head_dim;    // (num_rows)
   Acc* const weights = zero_terms + num_rows;              // (num_rows, group)
   Acc* const scaled = weights + num_rows * group;          // (num_rows, group)
@@ -468,11 +469,17 @@ void attend_quantized_blocks_fast(const QuantSegment& seg, const MaskRules& mask
     const Index first_p = seg.first_position + block_idx * group;
     const std::uint8_t* const key_codes = block + format.key_codes_offset();
     const std::uint8_t* const value_codes = block + format.value_codes_offset();
-    // Each metadata run is head_dim bfloat16 values; value ones are indexed j * groups + g.
+    // Each metadata run is head_dim bfloat16 values. Value ones are stored token-major
+    // (j * groups + g) and used group-major (g * group + j): widen, then transpose.
     widen_bfloat16(block + format.key_scales_offset(), head_dim, key_scales);
     widen_bfloat16(block + format.key_zeros_offset(), head_dim, key_zeros);
-    widen_bfloat16(block + format.value_scales_offset(), group * groups, value_scales);
-    widen_bfloat16(block + format.value_zeros_offset(), group * groups, value_zeros);
+    widen_bfloat16(block + format.value_scales_offset(), group * groups, staging);
+    widen_bfloat16(block + format.value_zeros_offset(), group * groups, staging + head_dim);
+    for (Index j = 0; j < group; ++j)
+      for (Index g = 0; g < groups; ++g) {
+        value_scales[g * group + j] = staging[j * groups + g];
+        value_zeros[g * group + j] = staging[head_dim + j * groups + g];
+      }
 
     // Fold the key scales into each query row and the zeros into one constant per row.
     for (Index row = 0; row < num_rows; ++row) {
@@ -486,10 +493,12 @@ void attend_quantized_blocks_fast(const QuantSegment& seg, const MaskRules& mask
     // pages, which stops the hardware prefetcher.
     const bool has_next = block_idx + 1 < seg.num_blocks;
     const Index lines = (seg.bytes_per_block + kCacheLine - 1) / kCacheLine;
+    const Index lines_per_key = (lines + group - 1) / group;
     for (Index j = 0; j < group; ++j) {
       const std::uint8_t* codes = key_codes + j * row_bytes;
       if (has_next)
-        for (Index line = j * lines / group; line < (j + 1) * lines / group; ++line)
+        for (Index line = j * lines_per_key; line < std::min(lines, (j + 1) * lines_per_key);
+             ++line)
           Eigen::internal::prefetch(block + seg.bytes_per_block + line * kCacheLine);
       Index row = 0;
       for (; row + 4 <= num_rows; row += 4) {
@@ -525,17 +534,26 @@ void attend_quantized_blocks_fast(const QuantSegment& seg, const MaskRules& mask
     }
     // Values, one group of channels at a time: acc[c] += sum_j (w_j * vscale[j][g]) * code[j][c]
     // + sum_j w_j * vzero[j][g].
-    for (Index row = 0; row < num_rows; ++row)
-      for (Index g = 0; g < groups; ++g) {
-        Acc zero_sum = 0;
-        for (Index j = 0; j < group; ++j)
-          zero_sum += weights[row * group + j] * value_zeros[j * groups + g];
-        zero_sums[row * groups + g] = zero_sum;
-      }
     for (Index g = 0; g < groups; ++g) {
+      const Acc* zeros = value_zeros + g * group;
+      Index row = 0;
+      for (; row + 4 <= num_rows; row += 4) {
+        const Acc* four[4] = {weights + row * group, weights + (row + 1) * group,
+                              weights + (row + 2) * group, weights + (row + 3) * group};
+        Acc out[4];
+        dot_rows<4, Acc, Stored<Acc>>(four, zeros, group, out);
+        for (int r = 0; r < 4; ++r) zero_sums[(row + r) * groups + g] = out[r];
+      }
+      for (; row < num_rows; ++row) {
+        const Acc* single[1] = {weights + row * group};
+        dot_rows<1, Acc, Stored<Acc>>(single, zeros, group, zero_sums + row * groups + g);
+      }
+    }
+    for (Index g = 0; g < groups; ++g) {
+      const Acc* scales = value_scales + g * group;
       for (Index row = 0; row < num_rows; ++row)
         for (Index j = 0; j < group; ++j)
-          scaled[row * group + j] = weights[row * group + j] * value_scales[j * groups + g];
+          scaled[row * group + j] = weights[row * group + j] * scales[j];
       const std::uint8_t* group_codes = value_codes + g * group * Bits / 8;
       auto accumulate = [&](auto rows_tag, Index row) {
         constexpr int kRows = decltype(rows_tag)::value;
