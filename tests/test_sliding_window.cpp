@@ -243,12 +243,13 @@ TEMPLATE_TEST_CASE("keys() are the sinks, then the last window, oldest first", "
   REQUIRE(cache.window() == window);
   REQUIRE(cache.num_sink_tokens() == sinks);
 
-  // reset() forgets the sinks too; the storage is kept and refilled from position 0.
-  const std::size_t bytes = cache.memory_bytes();
+  // reset() forgets the sinks too; the ring, grown to 3 + 3 - 1 = 5 slots by the 3-token chunk,
+  // returns to the window's 3; the cache refills from position 0.
+  REQUIRE(cache.memory_bytes() == std::size_t(sinks + 5) * 2 * sizeof(float));
   cache.reset();
   REQUIRE(cache.size() == 0);
   REQUIRE(cache.position() == 0);
-  REQUIRE(cache.memory_bytes() == bytes);
+  REQUIRE(cache.memory_bytes() == std::size_t(sinks + window) * 2 * sizeof(float));
   cache.update(slice_seq<L>(k, 5, 5), slice_seq<L>(v, 5, 5));
   REQUIRE(positions_held() == std::vector<Index>{5, 6, 7, 8, 9});
 }
@@ -279,6 +280,51 @@ TEMPLATE_TEST_CASE("memory stays bounded however long the stream", "[sliding_win
   for (int i = 0; i < 50; ++i) cache.update(k, k);
   cache.update(long_chunk, long_chunk);
   REQUIRE(cache.memory_bytes() == after_long);
+}
+
+TEMPLATE_TEST_CASE("reset() releases a ring grown for a long chunk", "[sliding_window]", BHSD,
+                   BSHD) {
+  using L = TestType;
+  const Index window = 4, sinks = 2, heads = 2, head_dim = 4;
+  const std::size_t row_bytes = 2 * heads * head_dim * sizeof(float);
+  const std::size_t base = std::size_t(sinks + window) * row_bytes;
+  Stream<float, L> stream(1, heads, head_dim, window, sinks, 100, 53);
+  auto& cache = stream.cache;
+  REQUIRE(cache.memory_bytes() == base);
+  stream.append(3);
+  stream.append(30);  // the ring grows to 30 + 4 - 1 = 33 slots
+  REQUIRE(cache.memory_bytes() == std::size_t(sinks + 33) * row_bytes);
+  REQUIRE(stream.attend_error(1, 4, 30, {}, 54) < tolerance<float>());
+
+  // A new sequence: back to the storage of a new cache.
+  cache.reset();
+  REQUIRE(cache.size() == 0);
+  REQUIRE(cache.position() == 0);
+  REQUIRE(cache.memory_bytes() == base);
+  // It works like a new cache: the stream's tokens again, one at a time, over several wraps.
+  stream.appended = 0;
+  for (Index step = 0; step < 3 * window; ++step) {
+    stream.append(1);
+    stream.check_contents();
+    REQUIRE(stream.attend_error(1, 4, 1, {}, unsigned(55 + step)) < tolerance<float>());
+    REQUIRE(cache.memory_bytes() == base);
+  }
+  // A long chunk grows it again, to what that chunk needs.
+  stream.append(10);
+  stream.check_contents();
+  REQUIRE(cache.memory_bytes() == std::size_t(sinks + 10 + window - 1) * row_bytes);
+  REQUIRE(stream.attend_error(1, 4, 10, {}, 70) < tolerance<float>());
+
+  // A ring that never grew keeps its storage across reset(): the same buffer is reused.
+  cache.reset();
+  stream.appended = 0;
+  stream.append(1);
+  const float* storage = cache.attention_view().segments[0].keys;
+  cache.reset();
+  stream.appended = 0;
+  stream.append(1);
+  REQUIRE(cache.attention_view().segments[0].keys == storage);
+  REQUIRE(cache.memory_bytes() == base);
 }
 
 TEMPLATE_TEST_CASE("key_mask applies to sinks and window keys by absolute position",

@@ -56,6 +56,9 @@ void attend_view(const char* where, const ConstView4<T>& q, const KVView<T>& kv,
     throw_invalid_argument(where, ": q_len ", qs.seq, " exceeds the ", kv.position,
                            " positions appended; causal or windowed queries are the last q_len "
                            "tokens appended");
+  // Every query sits before position(): a window wider than position() excludes no key. As
+  // none, it also keeps t - window out of reach of Index overflow (window near its maximum).
+  if (mask.window > kv.position) mask.window = 0;
   if (options.key_mask != nullptr) {
     const auto& m = *options.key_mask;
     if (m.dimension(0) < qs.batch || m.dimension(1) != kv.position)

@@ -91,6 +91,16 @@ inline Index checked_element_count(const char* where, std::initializer_list<Inde
   return count;
 }
 
+/// An append of new_len >= 0 positions after `position` (plus `reach` >= 0 more positions the
+/// append needs beyond them, e.g. a window) must leave every position an Index: a longer one
+/// throws std::length_error rather than overflowing into a negative or wrapped count.
+inline void require_representable_append(const char* where, Index position, Index new_len,
+                                         Index reach = 0) {
+  if (new_len > std::numeric_limits<Index>::max() - position - reach)
+    throw_length_error(where, ": appending ", new_len, " positions at position ", position,
+                       " exceeds the largest position, ", std::numeric_limits<Index>::max());
+}
+
 }  // namespace detail
 }  // namespace kvcache
 

@@ -4,8 +4,13 @@
 
 #include <kvcache/attend.hpp>
 #include <kvcache/errors.hpp>
+#include <kvcache/persistence.hpp>
 
+#include <algorithm>
 #include <cstddef>
+#include <cstdint>
+#include <istream>
+#include <ostream>
 #include <stdexcept>
 #include <type_traits>
 #include <utility>
@@ -29,6 +34,15 @@ decltype(auto) visit_layer(Layer& layer, F&& f) {
   else
     return std::forward<F>(f)(layer);
 }
+
+/// True for the cache classes with save() and load(): every kind but PrefixKVCache (and not a
+/// std::variant of kinds).
+template <class C, class = void>
+struct is_persistent_cache : std::false_type {};
+template <class C>
+struct is_persistent_cache<C, std::void_t<decltype(record_kind<C>::value),
+                                          decltype(C::load(std::declval<std::istream&>()))>>
+    : std::true_type {};
 
 }  // namespace detail
 
@@ -135,6 +149,56 @@ class ModelKVCache {
     return frozen;
   }
 
+  /// \brief Writes every layer to `out` (docs/persistence_format.md): a header naming the
+  /// layers' type and num_layers(), with its own CRC-32C, then each layer's save() record.
+  /// Offered when Cache is one kind that has save() (not PrefixKVCache, not a std::variant).
+  /// Throws std::ios_base::failure when the stream fails (the stream may then hold a partial
+  /// record).
+  template <class C = Cache, std::enable_if_t<detail::is_persistent_cache<C>::value, int> = 0>
+  void save(std::ostream& out) const {
+    detail::Writer writer(out, detail::persistence_owner<ModelKVCache>("save"));
+    detail::RecordHeader header;
+    header.type = detail::record_type_of<ModelKVCache>();
+    header.num_layers = num_layers();
+    detail::write_record_header(writer, header);
+    writer.finish();
+    for (const Cache& layer : layers_) layer.save(out);
+  }
+
+  /// \brief Reads caches written by save(): every layer as Cache::load reads it. Throws
+  /// kvcache::FormatError (naming the layer, the expected and the received value) when the
+  /// stream does not hold an intact ModelKVCache<Cache> record or fails; the stream is left
+  /// right after the record.
+  template <class C = Cache, std::enable_if_t<detail::is_persistent_cache<C>::value, int> = 0>
+  static ModelKVCache load(std::istream& in) {
+    return load(in, LoadLimits{});
+  }
+  /// \brief load() with a bound on the memory all the loaded layers together may own.
+  template <class C = Cache, std::enable_if_t<detail::is_persistent_cache<C>::value, int> = 0>
+  static ModelKVCache load(std::istream& in, const LoadLimits& limits) {
+    detail::Reader reader(in, detail::persistence_owner<ModelKVCache>("load"));
+    const detail::RecordHeader header =
+        detail::read_record_header(reader, detail::record_type_of<ModelKVCache>());
+    if (header.num_layers < 1)
+      reader.fail("num_layers: expected at least 1, got ", header.num_layers);
+    std::vector<Cache> layers;
+    // Layers are added as they are read: a huge num_layers fails as truncated, not here.
+    layers.reserve(static_cast<std::size_t>(std::min<Index>(header.num_layers, 1024)));
+    std::uint64_t used = 0;  // memory of the layers read so far, <= limits.max_memory_bytes
+    for (Index layer = 0; layer < header.num_layers; ++layer) {
+      LoadLimits remaining;
+      remaining.max_memory_bytes = limits.max_memory_bytes - used;
+      try {
+        layers.push_back(Cache::load(in, remaining));
+      } catch (const FormatError& e) {
+        reader.fail("layer ", layer, " of ", header.num_layers, ": ",
+                    detail::without_library_prefix(e.what()));
+      }
+      used += std::min<std::uint64_t>(layers.back().memory_bytes(), remaining.max_memory_bytes);
+    }
+    return ModelKVCache(std::move(layers), FromLayers{});
+  }
+
   /// \brief The layers, in order.
   auto begin() { return layers_.begin(); }
   auto end() { return layers_.end(); }
@@ -142,6 +206,9 @@ class ModelKVCache {
   auto end() const { return layers_.end(); }
 
  private:
+  struct FromLayers {};
+  ModelKVCache(std::vector<Cache> layers, FromLayers) : layers_(std::move(layers)) {}
+
   std::size_t checked(Index layer) const {
     if (layer < 0 || layer >= num_layers())
       throw std::out_of_range(detail::message("kvcache: ModelKVCache: layer ", layer,
@@ -152,6 +219,12 @@ class ModelKVCache {
 
   std::vector<Cache> layers_;
 };
+
+namespace detail {
+template <class Cache>
+struct record_kind<ModelKVCache<Cache>>
+    : std::integral_constant<CacheKind, CacheKind::model_cache> {};
+}  // namespace detail
 
 /// \brief attend() over a layer that holds one of several cache kinds (a std::variant, as in a
 /// mixed ModelKVCache): attends over the active alternative. Same contract as the cache

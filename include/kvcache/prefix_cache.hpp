@@ -93,7 +93,7 @@ class PrefixKVCache {
     const auto [k_view, v_view, in] =
         detail::check_update<T, Layout>(where, k, v, batch_size(), num_heads(), head_dim());
     if (in.seq == 0) return;
-    if (own_length_ + in.seq > max_new_tokens())
+    if (in.seq > max_new_tokens() - own_length_)  // not own_length_ + in.seq: it may overflow
       detail::throw_length_error(where, ": appending ", in.seq, " positions at position ",
                                  position(), " exceeds the capacity of ", capacity(), " (",
                                  prefix_length_, " prefix + ", max_new_tokens(),

@@ -6,9 +6,14 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <istream>
 #include <kvcache/detail/kv_storage.hpp>
+#include <kvcache/persistence.hpp>
 #include <kvcache/quantization.hpp>
 #include <new>
+#include <ostream>
+#include <stdexcept>
 #include <vector>
 
 namespace kvcache {
@@ -130,7 +135,7 @@ class QuantizedKVCache {
     const detail::ConstView4<T>& v_view = input.v;
     const Shape& in = input.shape;
     if (in.seq == 0) return;
-    if (position_ + in.seq > max_seq_len_)
+    if (in.seq > max_seq_len_ - position_)  // not position_ + in.seq: it may overflow
       detail::throw_length_error("QuantizedKVCache::update: appending ", in.seq,
                                  " positions at position ", position_, " exceeds the capacity of ",
                                  max_seq_len_, " (max_seq_len)");
@@ -267,7 +272,154 @@ class QuantizedKVCache {
     return view;
   }
 
+  /// \brief Writes the cache to `out` (docs/persistence_format.md): shape, max_seq_len,
+  /// position, Bits, the QuantConfig, quantized_size() and the tail ring's size; then the
+  /// quantized blocks as stored (codes, bfloat16 zero points and scales) and the unquantized
+  /// tail in T, with a CRC-32C. Throws std::ios_base::failure when the stream fails (the stream
+  /// may then hold a partial record).
+  void save(std::ostream& out) const {
+    detail::Writer writer(out, detail::persistence_owner<QuantizedKVCache>("save"));
+    detail::RecordHeader header;
+    header.type = detail::record_type_of<QuantizedKVCache>();
+    header.batch_size = batch_size_;
+    header.num_heads = num_heads_;
+    header.head_dim = head_dim_;
+    header.capacity = max_seq_len_;
+    header.position = position_;
+    header.group_size = config_.group_size;
+    header.residual_length = config_.residual_length;
+    header.quantized_positions = quantized_positions(position_);
+    header.tail_slots = ring_;
+    detail::write_record_header(writer, header);
+    const Index num_blocks = header.quantized_positions / config_.group_size;
+    std::vector<std::uint8_t> block_bytes(static_cast<std::size_t>(format_.block_bytes()));
+    for (Index b = 0; b < batch_size_; ++b)
+      for (Index h = 0; h < num_heads_; ++h)
+        for (Index i = 0; i < num_blocks; ++i) {
+          std::copy_n(block_at(b, h, i), block_bytes.size(), block_bytes.data());
+          scale_arrays_to_little_endian(block_bytes.data());
+          writer.write_bytes(block_bytes.data(), block_bytes.size(), "quantized blocks");
+        }
+    const Index tail_length = position_ - header.quantized_positions;
+    const Strides ts = tail_strides_();
+    for (const bool keys : {true, false})
+      detail::write_rows<Layout>(
+          writer, batch_size_, num_heads_, tail_length, head_dim_,
+          [&](Index b, Index h, Index i) {
+            return detail::row_at(keys ? tail_keys_.data() : tail_values_.data(), ts, b, h,
+                                  slot(header.quantized_positions + i));
+          },
+          keys ? "tail keys" : "tail values");
+    detail::write_record_checksum(writer);
+    writer.finish();
+  }
+
+  /// \brief Reads a cache written by save(): the same max_seq_len, config, position, quantized
+  /// blocks and tail, bit for bit, so further update(), crop() and attend() calls behave
+  /// exactly as on the original. Throws kvcache::FormatError (naming the expected and the
+  /// received value) when the stream does not hold an intact QuantizedKVCache<T, Bits, Layout>
+  /// record or fails; the stream is left right after the record.
+  static QuantizedKVCache load(std::istream& in) { return load(in, LoadLimits{}); }
+  /// \brief load() with a bound on the memory the loaded cache may own (see LoadLimits).
+  static QuantizedKVCache load(std::istream& in, const LoadLimits& limits) {
+    detail::Reader reader(in, detail::persistence_owner<QuantizedKVCache>("load"));
+    const detail::RecordHeader h =
+        detail::read_record_header(reader, detail::record_type_of<QuantizedKVCache>());
+    if (h.capacity < 1) reader.fail("capacity: expected at least 1, got ", h.capacity);
+    detail::require_at_most(reader, "position", h.position, "capacity", h.capacity);
+    QuantConfig config;
+    config.group_size = h.group_size;
+    config.residual_length = h.residual_length;
+    try {
+      validate_quant_config<Bits>(config, h.head_dim);
+    } catch (const std::invalid_argument& e) {
+      reader.fail("invalid quantization config: ", detail::without_library_prefix(e.what()));
+    }
+    const Index tail_capacity = detail::unquantized_tail_capacity(config);
+    detail::require_equal(reader, "tail_slots", h.tail_slots,
+                          std::max<Index>(1, std::min(tail_capacity, h.capacity)),
+                          "max(1, min(max(residual_length, group_size - 1), capacity))");
+    const Index quantized = h.position - detail::unquantized_tail_length(h.position, config);
+    detail::require_equal(reader, "quantized_positions", h.quantized_positions, quantized,
+                          "position minus its unquantized tail");
+    // The storage, every product checked: blocks of the whole capacity plus the tail ring.
+    const Index code_bytes = detail::checked_product(
+        reader, "code bytes of a block",
+        {h.group_size, h.head_dim / detail::QuantBlockFormat<Bits>::codes_per_byte});
+    const Index block_bytes = detail::checked_sum(
+        reader, "block bytes",
+        detail::checked_product(
+            reader, "code bytes of a block",
+            {2, detail::checked_sum(reader, "code bytes of a block", code_bytes, code_bytes % 2)}),
+        detail::checked_product(reader, "scale bytes of a block", {8, h.head_dim}));
+    const Index max_blocks =
+        (h.capacity - detail::unquantized_tail_length(h.capacity, config)) / h.group_size;
+    const Index blocks_bytes = detail::checked_product(
+        reader, "quantized block bytes", {h.batch_size, h.num_heads, max_blocks, block_bytes});
+    const Index tail_bytes =
+        detail::checked_product(reader, "tail bytes", {2, h.batch_size, h.num_heads, h.tail_slots,
+                                                       h.head_dim, Index(sizeof(T))});
+    detail::require_within_limit(
+        reader, detail::checked_sum(reader, "K/V storage bytes", blocks_bytes, tail_bytes), limits);
+    // The payload is at most the storage just bounded: no product below can overflow.
+    const Index num_blocks = quantized / h.group_size;
+    const std::vector<std::uint8_t> blocks = reader.read_byte_array(
+        static_cast<std::uint64_t>(h.batch_size * h.num_heads * num_blocks * block_bytes),
+        "quantized blocks");
+    const Index tail_length = h.position - quantized;
+    const auto tail_count =
+        static_cast<std::uint64_t>(h.batch_size * h.num_heads * tail_length * h.head_dim);
+    const std::vector<T> tail_keys = reader.read_elements<T>(tail_count, "tail keys");
+    const std::vector<T> tail_values = reader.read_elements<T>(tail_count, "tail values");
+    detail::read_record_checksum(reader);
+
+    QuantizedKVCache cache(h.batch_size, h.capacity, h.num_heads, h.head_dim, config);
+    const std::uint8_t* next_block = blocks.data();
+    for (Index b = 0; b < h.batch_size; ++b)
+      for (Index head = 0; head < h.num_heads; ++head)
+        for (Index i = 0; i < num_blocks; ++i) {
+          std::uint8_t* block = cache.block_at(b, head, i);
+          std::copy_n(next_block, block_bytes, block);
+          cache.scale_arrays_from_little_endian(block);
+          next_block += block_bytes;
+        }
+    const Strides ts = cache.tail_strides_();
+    detail::place_rows<Layout>(tail_keys, h.batch_size, h.num_heads, tail_length, h.head_dim,
+                               [&](Index b, Index head, Index i) {
+                                 return detail::row_at(cache.tail_keys_.data(), ts, b, head,
+                                                       cache.slot(quantized + i));
+                               });
+    detail::place_rows<Layout>(tail_values, h.batch_size, h.num_heads, tail_length, h.head_dim,
+                               [&](Index b, Index head, Index i) {
+                                 return detail::row_at(cache.tail_values_.data(), ts, b, head,
+                                                       cache.slot(quantized + i));
+                               });
+    cache.position_ = h.position;
+    return cache;
+  }
+
  private:
+  /// A block's bfloat16 zero points and scales (native byte order in memory) as little-endian
+  /// in a saved record, and back; the codes are bytes and need no conversion. Both are the
+  /// identity on little-endian hosts.
+  void scale_arrays_to_little_endian(std::uint8_t* block) const {
+    for (const Index offset : {format_.key_zeros_offset(), format_.value_zeros_offset()})
+      for (Index j = 0; j < 2 * head_dim_; ++j) {  // zeros then scales: 2 * head_dim numbers
+        std::uint8_t* at = block + offset + 2 * j;
+        std::uint16_t number;
+        std::memcpy(&number, at, sizeof number);
+        detail::store_little_endian(at, number);
+      }
+  }
+  void scale_arrays_from_little_endian(std::uint8_t* block) const {
+    for (const Index offset : {format_.key_zeros_offset(), format_.value_zeros_offset()})
+      for (Index j = 0; j < 2 * head_dim_; ++j) {
+        std::uint8_t* at = block + offset + 2 * j;
+        const auto number = detail::load_little_endian<std::uint16_t>(at);
+        std::memcpy(at, &number, sizeof number);
+      }
+  }
+
   static QuantConfig checked_config(Index batch_size, Index max_seq_len, Index num_heads,
                                     Index head_dim, const QuantConfig& config) {
     const char* kind = "QuantizedKVCache";
@@ -348,6 +500,12 @@ class QuantizedKVCache {
   Tensor4<T> tail_values_;
   Index position_ = 0;
 };
+
+namespace detail {
+template <class T, int Bits, class Layout>
+struct record_kind<QuantizedKVCache<T, Bits, Layout>>
+    : std::integral_constant<CacheKind, CacheKind::quantized_cache> {};
+}  // namespace detail
 
 /// \brief QuantizedKVCache with 8-bit codes.
 template <class T, class Layout = BHSD>

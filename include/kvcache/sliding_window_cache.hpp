@@ -4,11 +4,15 @@
 #define KVCACHE_SLIDING_WINDOW_CACHE_HPP
 
 #include <kvcache/detail/kv_storage.hpp>
+#include <kvcache/persistence.hpp>
 
 #include <algorithm>
 #include <cstddef>
+#include <istream>
 #include <limits>
+#include <ostream>
 #include <utility>
+#include <vector>
 
 namespace kvcache {
 
@@ -30,9 +34,13 @@ namespace kvcache {
 /// P - window + 1. So after an update the ring must hold the whole chunk plus the window - 1
 /// positions before it: ring >= n + window - 1. The ring starts at `window` slots and, when an
 /// update needs more, is reallocated to exactly n + window - 1 (the held positions are moved
-/// once); it is reused afterwards and never shrinks. So the storage is fixed by the largest
-/// chunk seen, n_max: num_sink_tokens + window + n_max - 1 positions. Decoding one token at a
-/// time never grows it; a stream of chunks of c tokens grows it once, at the first chunk.
+/// once); it is reused for the rest of the sequence, so the storage is fixed by the largest
+/// chunk seen since construction or reset(), n_max: num_sink_tokens + window + n_max - 1
+/// positions. Decoding one token at a time never grows it; a stream of chunks of c tokens
+/// grows it once, at the first chunk. It does not shrink within a sequence: later queries may
+/// still reach back into a long chunk as far as the ring holds it, and a stream that mixes
+/// long and short chunks would otherwise reallocate again and again. reset() - a new
+/// sequence - returns it to `window` slots (num_sink_tokens + window positions of storage).
 ///
 /// size() and keys() report the sinks and the last `window` positions (what a decode step
 /// sees); attention_view() shows the kernel every position the ring still holds, and the
@@ -74,8 +82,11 @@ class SlidingWindowKVCache {
     const detail::ConstView4<T>& v_view = input.v;
     const Shape& in = input.shape;
     if (in.seq == 0) return;
+    // The ring may need sinks + window - 1 slots beyond the chunk, and position() grows by it.
+    detail::require_representable_append("SlidingWindowKVCache::update", position_, in.seq,
+                                         num_sink_tokens_ + window_);
     const Index needed = ring_needed(in.seq);
-    if (needed > ring_capacity()) grow_ring(needed);  // the only step that can throw
+    if (needed > ring_capacity()) grow_ring(needed);  // the only later step that can throw
     const Index first = position_;
     for_each_run(first, first + in.seq, ring_capacity(),
                  [&](Index slot, Index length, Index p) {
@@ -104,12 +115,25 @@ class SlidingWindowKVCache {
   /// \brief The size() held values, in the order of keys().
   Tensor4<T> values() const { return gather(/*keys=*/false); }
 
-  /// \brief Forgets every position, sinks included; the storage is kept.
-  void reset() noexcept { position_ = 0; }
+  /// \brief Forgets every position, sinks included. A ring grown for a long chunk (see the
+  /// class comment) is released: the storage returns to num_sink_tokens() + window()
+  /// positions, as constructed. Otherwise the storage is kept. Never throws: should allocating
+  /// the smaller storage fail, the grown one is kept (it serves the new sequence just as well).
+  void reset() noexcept {
+    position_ = 0;
+    if (ring_capacity() == window_) return;
+    try {
+      const Shape s = storage_.shape();
+      storage_ = detail::KVStorage<T, Layout>(s.batch, s.heads, num_sink_tokens_ + window_,
+                                              s.head_dim);  // moves buffer pointers
+    } catch (...) {  // std::bad_alloc: keep the grown storage
+    }
+  }
 
   /// \brief Bytes of K/V storage this object owns: 2 x batch x heads x head_dim x sizeof(T) x
   /// (num_sink_tokens + ring), where the ring is window() positions unless a longer chunk made
-  /// it grow (see the class comment). Constant on a stream of small updates, however long.
+  /// it grow since construction or reset() (see the class comment). Constant on a stream of
+  /// small updates, however long.
   std::size_t memory_bytes() const { return storage_.memory_bytes(); }
 
   /// \brief The kernel's view: the held sinks, then every held ring position (at most three
@@ -133,7 +157,111 @@ class SlidingWindowKVCache {
     return view;
   }
 
+  /// \brief Writes the cache to `out` (docs/persistence_format.md): shape, window, sinks, the
+  /// ring's size and next slot, position, and every position the storage still holds (the
+  /// sinks, then the ring's positions oldest first; more than size() when a long chunk grew
+  /// the ring), with a CRC-32C. Throws std::ios_base::failure when the stream fails (the
+  /// stream may then hold a partial record).
+  void save(std::ostream& out) const {
+    detail::Writer writer(out, detail::persistence_owner<SlidingWindowKVCache>("save"));
+    const Shape s = storage_.shape();
+    detail::RecordHeader header;
+    header.type = detail::record_type_of<SlidingWindowKVCache>();
+    header.batch_size = s.batch;
+    header.num_heads = s.heads;
+    header.head_dim = s.head_dim;
+    header.capacity = capacity();
+    header.position = position_;
+    header.window = window_;
+    header.num_sink_tokens = num_sink_tokens_;
+    header.ring_slots = ring_capacity();
+    header.next_ring_slot = next_ring_slot(position_, num_sink_tokens_, ring_capacity());
+    detail::write_record_header(writer, header);
+    const std::vector<Index> slots = held_slots();
+    const detail::KVSegment<T> all = storage_.segment(0, storage_.capacity(), 0);
+    const auto index = [](Index i) { return static_cast<std::size_t>(i); };
+    detail::write_rows<Layout>(
+        writer, s.batch, s.heads, Index(slots.size()), s.head_dim,
+        [&](Index b, Index h, Index i) {
+          return detail::row_at(all.keys, all.strides, b, h, slots[index(i)]);
+        },
+        "keys");
+    detail::write_rows<Layout>(
+        writer, s.batch, s.heads, Index(slots.size()), s.head_dim,
+        [&](Index b, Index h, Index i) {
+          return detail::row_at(all.values, all.strides, b, h, slots[index(i)]);
+        },
+        "values");
+    detail::write_record_checksum(writer);
+    writer.finish();
+  }
+
+  /// \brief Reads a cache written by save(): the same window, sinks, ring (size and offset),
+  /// position and held positions, bit for bit, so further update() and attend() calls behave
+  /// exactly as on the original. Throws kvcache::FormatError (naming the expected and the
+  /// received value) when the stream does not hold an intact SlidingWindowKVCache<T, Layout>
+  /// record or fails; the stream is left right after the record.
+  static SlidingWindowKVCache load(std::istream& in) { return load(in, LoadLimits{}); }
+  /// \brief load() with a bound on the memory the loaded cache may own (see LoadLimits).
+  static SlidingWindowKVCache load(std::istream& in, const LoadLimits& limits) {
+    detail::Reader reader(in, detail::persistence_owner<SlidingWindowKVCache>("load"));
+    const detail::RecordHeader h =
+        detail::read_record_header(reader, detail::record_type_of<SlidingWindowKVCache>());
+    if (h.window < 1) reader.fail("window: expected at least 1, got ", h.window);
+    detail::require_equal(
+        reader, "capacity", h.capacity,
+        detail::checked_sum(reader, "num_sink_tokens + window", h.num_sink_tokens, h.window),
+        "num_sink_tokens + window");
+    if (h.ring_slots < h.window)
+      reader.fail("ring_slots: expected at least window = ", h.window, ", got ", h.ring_slots);
+    const Index slots =
+        detail::checked_sum(reader, "num_sink_tokens + ring_slots", h.num_sink_tokens, h.ring_slots);
+    detail::require_within_limit(
+        reader,
+        detail::checked_product(reader, "K/V storage bytes",
+                                {2, h.batch_size, h.num_heads, slots, h.head_dim, Index(sizeof(T))}),
+        limits);
+    detail::require_equal(reader, "next_ring_slot", h.next_ring_slot,
+                          next_ring_slot(h.position, h.num_sink_tokens, h.ring_slots),
+                          "(max(position, num_sink_tokens) - num_sink_tokens) % ring_slots");
+    const Index held = std::min(h.position, h.num_sink_tokens) +
+                       std::min(std::max<Index>(h.position - h.num_sink_tokens, 0), h.ring_slots);
+    // At most the storage just bounded: cannot overflow.
+    const auto count = static_cast<std::uint64_t>(h.batch_size * h.num_heads * held * h.head_dim);
+    const std::vector<T> keys = reader.read_elements<T>(count, "keys");
+    const std::vector<T> values = reader.read_elements<T>(count, "values");
+    detail::read_record_checksum(reader);
+
+    SlidingWindowKVCache cache(h.batch_size, h.window, h.num_heads, h.head_dim,
+                               h.num_sink_tokens);
+    if (h.ring_slots > h.window)
+      cache.storage_ = detail::KVStorage<T, Layout>(h.batch_size, h.num_heads, slots, h.head_dim);
+    cache.position_ = h.position;
+    const std::vector<Index> held_slots = cache.held_slots();
+    const std::array<Index, 4> dims = Layout::dims({h.batch_size, h.num_heads, held, h.head_dim});
+    for (Index i = 0; i < held; ++i)
+      cache.storage_.write_range({keys.data(), dims}, {values.data(), dims}, i, 1,
+                                 held_slots[static_cast<std::size_t>(i)]);
+    return cache;
+  }
+
  private:
+  /// The ring slot (0-based, after the sinks) the next non-sink position goes to.
+  static Index next_ring_slot(Index position, Index num_sink_tokens, Index ring) {
+    return (std::max(position, num_sink_tokens) - num_sink_tokens) % ring;
+  }
+
+  /// The storage slots of every held position, oldest first: the sinks, then the ring's.
+  std::vector<Index> held_slots() const {
+    std::vector<Index> slots;
+    auto add = [&](Index slot, Index length, Index) {
+      for (Index i = 0; i < length; ++i) slots.push_back(slot + i);
+    };
+    for_each_run(0, std::min(position_, num_sink_tokens_), ring_capacity(), add);
+    for_each_run(first_held_position(), position_, ring_capacity(), add);
+    return slots;
+  }
+
   static detail::KVStorage<T, Layout> checked_storage(Index batch_size, Index window,
                                                       Index num_heads, Index head_dim,
                                                       Index num_sink_tokens) {
@@ -226,6 +354,12 @@ class SlidingWindowKVCache {
   Index num_sink_tokens_;
   Index position_ = 0;
 };
+
+namespace detail {
+template <class T, class Layout>
+struct record_kind<SlidingWindowKVCache<T, Layout>>
+    : std::integral_constant<CacheKind, CacheKind::sliding_window_cache> {};
+}  // namespace detail
 
 }  // namespace kvcache
 

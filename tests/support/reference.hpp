@@ -66,6 +66,17 @@ Tensor4<T> random_tensor(Index b, Index h, Index s, Index d, unsigned seed,
   return x;
 }
 
+/// Like random_tensor, with values uniform in [-magnitude, magnitude] computed in double and
+/// rounded once to T: for magnitudes beyond float's range (double near its largest number).
+template <class T, class Layout>
+Tensor4<T> scaled_random_tensor(Index b, Index h, Index s, Index d, unsigned seed,
+                                double magnitude) {
+  const Tensor4<double> unit = random_tensor<double, Layout>(b, h, s, d, seed);
+  Tensor4<T> x(unit.dimensions());
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<T>(unit.data()[i] * magnitude);
+  return x;
+}
+
 /// What the reference needs beyond q, k, v.
 struct ReferenceRules {
   double scale = std::numeric_limits<double>::quiet_NaN();  // NaN: 1 / sqrt(head_dim)

@@ -5,9 +5,13 @@
 
 #include <kvcache/detail/kv_storage.hpp>
 #include <kvcache/frozen_cache.hpp>
+#include <kvcache/persistence.hpp>
 
 #include <cstddef>
+#include <istream>
 #include <memory>
+#include <ostream>
+#include <vector>
 
 namespace kvcache {
 namespace detail {
@@ -85,16 +89,78 @@ class ContiguousKVCache {
     const auto [k_view, v_view, in] =
         check_update<T, Layout>(where, k, v, batch_size(), num_heads(), head_dim());
     if (in.seq == 0) return;
-    const Index needed = position_ + in.seq;
-    if (needed > capacity()) {
+    // Compared as differences: position_ + in.seq may not be representable (a TensorMap can
+    // claim any extent).
+    if (in.seq > capacity() - position_) {
       if (!grow)
         throw_length_error(where, ": appending ", in.seq, " positions at position ", position_,
                            " exceeds the capacity of ", capacity(), " (max_seq_len)");
-      // Doubling keeps the total copied by N one-token appends below 2N positions.
+      require_representable_append(where, position_, in.seq);
+      const Index needed = position_ + in.seq;
+      // Doubling keeps the total copied by N one-token appends below 2N positions. (2 *
+      // capacity() cannot overflow: a buffer of more than max / 2 positions is not addressable.)
       storage_.reallocate(std::max({needed, 2 * capacity(), Index(16)}), position_);
     }
     storage_.write(k_view, v_view, position_);
-    position_ = needed;
+    position_ += in.seq;
+  }
+
+  /// The record of `Cache` (the derived class): header, keys and values of positions
+  /// [0, position()) as two (batch, heads, position, head_dim) tensors in Layout, checksum.
+  template <class Cache>
+  void save_record(std::ostream& out) const {
+    Writer writer(out, persistence_owner<Cache>("save"));
+    const Shape s = storage_.shape();
+    RecordHeader header;
+    header.type = record_type_of<Cache>();
+    header.batch_size = s.batch;
+    header.num_heads = s.heads;
+    header.head_dim = s.head_dim;
+    header.capacity = s.seq;
+    header.position = position_;
+    write_record_header(writer, header);
+    const KVSegment<T> held = storage_.segment(0, position_, 0);
+    write_rows<Layout>(
+        writer, s.batch, s.heads, position_, s.head_dim,
+        [&](Index b, Index h, Index i) { return row_at(held.keys, held.strides, b, h, i); },
+        "keys");
+    write_rows<Layout>(
+        writer, s.batch, s.heads, position_, s.head_dim,
+        [&](Index b, Index h, Index i) { return row_at(held.values, held.strides, b, h, i); },
+        "values");
+    write_record_checksum(writer);
+    writer.finish();
+  }
+
+  /// Reads a record of `Cache` written by save_record. Everything is checked and the payload
+  /// read (into memory that grows as it arrives) before make_empty(header) allocates the cache
+  /// of header.capacity positions. `min_capacity`: 1 for static caches, 0 for dynamic ones.
+  template <class Cache, class MakeEmpty>
+  static Cache load_record(std::istream& in, const LoadLimits& limits, Index min_capacity,
+                           MakeEmpty&& make_empty) {
+    Reader reader(in, persistence_owner<Cache>("load"));
+    const RecordHeader header = read_record_header(reader, record_type_of<Cache>());
+    if (header.capacity < min_capacity)
+      reader.fail("capacity: expected at least ", min_capacity, ", got ", header.capacity);
+    require_at_most(reader, "position", header.position, "capacity", header.capacity);
+    require_within_limit(reader,
+                         checked_product(reader, "K/V storage bytes",
+                                         {2, header.batch_size, header.num_heads, header.capacity,
+                                          header.head_dim, Index(sizeof(T))}),
+                         limits);
+    // At most the storage just bounded: cannot overflow.
+    const auto count = static_cast<std::uint64_t>(header.batch_size * header.num_heads *
+                                                  header.position * header.head_dim);
+    const std::vector<T> keys = reader.read_elements<T>(count, "keys");
+    const std::vector<T> values = reader.read_elements<T>(count, "values");
+    read_record_checksum(reader);
+
+    Cache cache = make_empty(header);
+    const std::array<Index, 4> dims =
+        Layout::dims({header.batch_size, header.num_heads, header.position, header.head_dim});
+    cache.storage_.write({keys.data(), dims}, {values.data(), dims}, 0);
+    cache.position_ = header.position;
+    return cache;
   }
 
   KVStorage<T, Layout> storage_;
