@@ -597,12 +597,11 @@ TEMPLATE_TEST_CASE("every failing call leaves the cache unchanged", "[quantized_
   REQUIRE(cache.size() == 20);
 }
 
-// KNOWN DEFECT, tagged [!mayfail] until the kernel is fixed (see the same test in
-// tests/test_dtypes.cpp): with values near the largest float, the value sums overflow; here the
-// code part (sum_j w_j vscale_j code_j) and the zero-point part (sum_j w_j vzero_j) overflow
-// with opposite signs and their sum is NaN.
+// Values near the largest float (see the same test in tests/test_dtypes.cpp): without the
+// kernel's second, scaled pass the code part (sum_j w_j vscale_j code_j) and the zero-point
+// part (sum_j w_j vzero_j) of the value sums overflow with opposite signs, giving NaN.
 TEMPLATE_TEST_CASE("values near the largest float give finite, exact outputs",
-                   "[quantized_cache][large_values][!mayfail]", (QCase<float, 8, BHSD>),
+                   "[quantized_cache][large_values]", (QCase<float, 8, BHSD>),
                    (QCase<float, 4, BSHD>)) {
   using L = typename TestType::layout;
   using Cache = QuantizedKVCache<float, TestType::bits, L>;

@@ -260,3 +260,25 @@ TEST_CASE("split-K over a sliding window with sinks", "[workspace][split]") {
   parallel.device = &device;
   REQUIRE(equal(kvcache::attend(q, cache, parallel), serial));
 }
+
+TEST_CASE("split-K with values near the largest float stays finite and exact",
+          "[workspace][split][large_values]") {
+  // Each split's value sums fit, their merge overflows (or a split's own sums do): the merge
+  // runs again at a scaled value sum, and the result is the weighted mean of the values.
+  const Index head_dim = 16, length = 6000;
+  const double magnitude = GENERATE(1e37, 3e38);
+  CAPTURE(magnitude);
+  const Tensor4<float> k = random_tensor<float, BHSD>(1, 1, length, head_dim, 21);
+  const Tensor4<float> v = random_tensor<float, BHSD>(1, 1, length, head_dim, 22, magnitude);
+  const Tensor4<float> q = random_tensor<float, BHSD>(1, 2, 1, head_dim, 23);
+  kvcache::StaticKVCache<float> cache(1, length, 1, head_dim);
+  cache.update(k, v);
+  const auto want = reference_attention<BHSD>(q, k, v, iota_positions(length), length - 1, {});
+  const Tensor4<float> got = kvcache::attend(q, cache);
+  REQUIRE(max_abs_diff(got, want) / magnitude < tolerance<float>());
+  Eigen::ThreadPool pool(2);
+  Eigen::ThreadPoolDevice device(&pool, 2);
+  AttendOptions parallel;
+  parallel.device = &device;
+  REQUIRE(equal(kvcache::attend(q, cache, parallel), got));
+}

@@ -15,6 +15,16 @@ namespace kvcache {
 namespace detail {
 
 /// One query row's running state; acc points at head_dim accumulators owned by the caller.
+/// The value scale of the second pass over a row whose value sums overflowed: acc holds at
+/// most (number of keys) x max |v|, which exceeds the accumulator's range for |v| near it
+/// (float: ~3.4e38) although every output, a weighted mean, is within it. Accumulating
+/// value_scale * w_j instead (an exact power of two) keeps acc finite; finish() divides it out.
+/// Weights below ~1e-38 relative to the largest then vanish: far below Acc's precision.
+template <class Acc>
+Acc overflow_value_scale() {
+  return std::ldexp(Acc(1), sizeof(Acc) >= 8 ? -512 : -64);
+}
+
 template <class Acc>
 struct SoftmaxState {
   Acc max = -std::numeric_limits<Acc>::infinity();
@@ -49,11 +59,18 @@ struct SoftmaxState {
     for (Index c = 0; c < head_dim; ++c) acc[c] += other.acc[c] * factor;
   }
 
-  /// Writes acc / sum, or zeros when no key was visible (rule 4: never NaN).
+  /// Writes acc / sum, or zeros when no key was visible (rule 4: never NaN). value_scale: the
+  /// power of two the value sums were accumulated with (acc = value_scale * sum_j w_j v_j,
+  /// see overflow_value_scale), divided out after the normalisation.
   template <class T>
-  void finish(T* out, Index head_dim) const {
+  void finish(T* out, Index head_dim, Acc value_scale = Acc(1)) const {
     const Acc inverse = sum > 0 ? Acc(1) / sum : Acc(0);
-    for (Index c = 0; c < head_dim; ++c) out[c] = static_cast<T>(acc[c] * inverse);
+    if (value_scale == Acc(1)) {
+      for (Index c = 0; c < head_dim; ++c) out[c] = static_cast<T>(acc[c] * inverse);
+      return;
+    }
+    const Acc unscale = Acc(1) / value_scale;
+    for (Index c = 0; c < head_dim; ++c) out[c] = static_cast<T>((acc[c] * inverse) * unscale);
   }
 };
 

@@ -42,6 +42,9 @@ template <class Acc>
 struct ScoreParams {
   Acc scale;
   Acc softcap;  ///< 0: none
+  /// Value sums accumulate value_scale * w_j (1, or overflow_value_scale() on the second pass
+  /// of a unit whose sums overflowed); the softmax denominator does not.
+  Acc value_scale = Acc(1);
 };
 
 /// Keys per block: the scores of one block for one query row live in a small array, and a
@@ -139,8 +142,9 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
       // acc lacks the zero-point part sum_j w_j * vzero[j][g], which zero_sums[g] holds.
       for (Index j = 0; j < group; ++j) {
         if (scores[j] == minus_infinity) continue;
-        const Acc weight = std::exp(scores[j] - state.max);
-        state.sum += weight;
+        const Acc probability = std::exp(scores[j] - state.max);
+        state.sum += probability;
+        const Acc weight = probability * score.value_scale;
         const std::uint8_t* codes = value_codes + j * row_bytes;
         for (Index g = 0; g < groups; ++g) {
           const Index at = 2 * format.value_group_index(j, g);
@@ -212,8 +216,9 @@ void attend_block_reference(const ItemRows<Acc, RowPosition>& rows, const MaskRu
     // Invariant: state.sum, state.acc are relative to state.max >= every score so far.
     for (Index j = 0; j < block_len; ++j) {
       if (scores[j] == minus_infinity) continue;
-      const Acc weight = std::exp(scores[j] - state.max);
-      state.sum += weight;
+      const Acc probability = std::exp(scores[j] - state.max);
+      state.sum += probability;
+      const Acc weight = probability * score.value_scale;
       const T* vrow = values + j * seq_stride;
       for (Index c = 0; c < head_dim; ++c) state.acc[c] += weight * static_cast<Acc>(vrow[c]);
     }
@@ -394,6 +399,8 @@ void attend_block_fast(const ItemRows<Acc, RowPosition>& rows, const MaskRules& 
     // keys get weight exactly 0.
     exp_weights(score_tile + row * kKeyBlock, n, state.max);
     state.sum += sum(score_tile + row * kKeyBlock, n);
+    if (score.value_scale != Acc(1))
+      for (Index j = 0; j < n; ++j) score_tile[row * kKeyBlock + j] *= score.value_scale;
   }
 
   if (!matrix_products) {
@@ -531,6 +538,8 @@ void attend_quantized_blocks_fast(const QuantSegment& seg, const MaskRules& mask
       // gets the zero-point part sum_j w_j * vzero[j][g] through zero_sums below.
       exp_weights(weights + row * group, group, state.max);
       state.sum += sum(weights + row * group, group);
+      if (score.value_scale != Acc(1))
+        for (Index j = 0; j < group; ++j) weights[row * group + j] *= score.value_scale;
     }
     // Values, one group of channels at a time: acc[c] += sum_j (w_j * vscale[j][g]) * code[j][c]
     // + sum_j w_j * vzero[j][g].
@@ -691,7 +700,7 @@ struct AttentionPlan {
   Index max_rows = 0;       ///< rows of the largest unit
   Index slots = 1;          ///< scratch slots: one per thread that may run units at once
   std::size_t slot_bytes = 0;
-  std::size_t partial_bytes = 0;  ///< per unit, when splits > 1: states + accumulators
+  std::size_t partial_bytes = 0;  ///< per unit, when splits > 1: states, scale, accumulators
 
   Index num_units() const { return num_items * splits; }
   std::size_t workspace_bytes() const {
@@ -730,18 +739,30 @@ AttentionPlan plan_attention(const QueryArgs<T>& q, const KVView<T>& kv,
   const Index elements = unit_scratch_elements<Acc>(plan.max_rows, q.shape.head_dim, kv.quantized);
   plan.slot_bytes = round_up_to_line(sizeof(SoftmaxState<Acc>) * plan.max_rows) +
                     round_up_to_line(sizeof(Acc) * elements);
-  plan.partial_bytes = round_up_to_line(sizeof(Acc) * plan.max_rows * (q.shape.head_dim + 2));
+  plan.partial_bytes = round_up_to_line(sizeof(Acc) * plan.max_rows * (q.shape.head_dim + 3));
   return plan;
 }
 
-/// A unit's softmax states, saved for the merge: per row, max, sum, then head_dim accumulators.
+/// A unit's softmax states, saved for the merge: per row, max, sum, the value scale its sums
+/// were accumulated with, then head_dim accumulators.
 template <class Acc>
-void save_partial(const SoftmaxState<Acc>* states, Index num_rows, Index head_dim, Acc* to) {
-  for (Index row = 0; row < num_rows; ++row, to += head_dim + 2) {
+void save_partial(const SoftmaxState<Acc>* states, Index num_rows, Index head_dim,
+                  Acc value_scale, Acc* to) {
+  for (Index row = 0; row < num_rows; ++row, to += head_dim + 3) {
     to[0] = states[row].max;
     to[1] = states[row].sum;
-    std::copy(states[row].acc, states[row].acc + head_dim, to + 2);
+    to[2] = value_scale;
+    std::copy(states[row].acc, states[row].acc + head_dim, to + 3);
   }
+}
+
+/// Whether every accumulator of num_rows states is finite.
+template <class Acc>
+bool accumulators_finite(const SoftmaxState<Acc>* states, Index num_rows, Index head_dim) {
+  for (Index row = 0; row < num_rows; ++row)
+    for (Index c = 0; c < head_dim; ++c)
+      if (!(Eigen::numext::isfinite)(states[row].acc[c])) return false;
+  return true;
 }
 
 /// Runs attention for every (batch row, KV head, chunk of query positions) and, for long
@@ -770,13 +791,13 @@ void run_attention(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& 
     const Index q_end = std::min(q.shape.seq, q_begin + plan.chunk);
     return Item{batch_idx, kv_head_idx, q_begin, q_end, plan.rep * (q_end - q_begin)};
   };
-  auto write_rows = [&](const Item& it, const SoftmaxState<Acc>* states) {
-    for (Index row = 0; row < it.num_rows; ++row) {
-      const Index rows_per_head = it.q_end - it.q_begin;
-      const Index head = it.kv_head_idx * plan.rep + row / rows_per_head;
-      states[row].finish(q.out + q.row_offset(it.batch_idx, head, it.q_begin + row % rows_per_head),
-                         head_dim);
-    }
+  // Query row `row` of item `it` gets acc / sum of its state (value sums scaled as given).
+  auto write_row = [&](const Item& it, Index row, const SoftmaxState<Acc>& state,
+                       Acc value_scale) {
+    const Index rows_per_head = it.q_end - it.q_begin;
+    const Index head = it.kv_head_idx * plan.rep + row / rows_per_head;
+    state.finish(q.out + q.row_offset(it.batch_idx, head, it.q_begin + row % rows_per_head),
+                 head_dim, value_scale);
   };
 
   auto run_units = [&](Index first, Index last) {
@@ -791,16 +812,23 @@ void run_attention(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& 
     for (Index unit = first; unit < last; ++unit) {
       const Item it = item_at(unit / plan.splits);
       const Index split = unit % plan.splits;
+      const KVView<T> part =
+          plan.splits == 1 ? kv
+                           : kv.clipped(split * plan.split_length, (split + 1) * plan.split_length);
+      ScoreParams<Acc> unit_score = score;
+      attend_unit<Variant>(q, part, mask, unit_score, it.batch_idx, it.kv_head_idx, it.q_begin,
+                           it.q_end, scratch);
+      // Value sums beyond Acc's range (|v| near its maximum): once more with scaled weights.
+      if (!accumulators_finite(scratch.states, it.num_rows, head_dim)) {
+        unit_score.value_scale = overflow_value_scale<Acc>();
+        attend_unit<Variant>(q, part, mask, unit_score, it.batch_idx, it.kv_head_idx,
+                             it.q_begin, it.q_end, scratch);
+      }
       if (plan.splits == 1) {
-        attend_unit<Variant>(q, kv, mask, score, it.batch_idx, it.kv_head_idx, it.q_begin,
-                             it.q_end, scratch);
-        write_rows(it, scratch.states);
+        for (Index row = 0; row < it.num_rows; ++row)
+          write_row(it, row, scratch.states[row], unit_score.value_scale);
       } else {
-        const KVView<T> part =
-            kv.clipped(split * plan.split_length, (split + 1) * plan.split_length);
-        attend_unit<Variant>(q, part, mask, score, it.batch_idx, it.kv_head_idx, it.q_begin,
-                             it.q_end, scratch);
-        save_partial(scratch.states, it.num_rows, head_dim,
+        save_partial(scratch.states, it.num_rows, head_dim, unit_score.value_scale,
                      reinterpret_cast<Acc*>(partials + static_cast<std::size_t>(unit) *
                                                            plan.partial_bytes));
       }
@@ -818,25 +846,45 @@ void run_attention(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& 
   }
   if (plan.splits == 1) return;
 
-  // Merge each item's splits in order (split 0 absorbs the others) and write its rows.
+  // Merge each item's splits in order (split 0 absorbs the others) and write its rows. Splits
+  // are brought to the smallest value scale among them (exact powers of two); if the merged
+  // sums overflow at scale 1, the merge runs again at overflow_value_scale().
   SoftmaxState<Acc>* const states = reinterpret_cast<SoftmaxState<Acc>*>(base);
   std::uninitialized_default_construct_n(states, plan.max_rows);
+  Acc* const merged = reinterpret_cast<Acc*>(
+      base + round_up_to_line(sizeof(SoftmaxState<Acc>) * plan.max_rows));  // (row, head_dim)
+  Acc* const rescaled = merged + plan.max_rows * head_dim;                  // (head_dim)
   for (Index item = 0; item < plan.num_items; ++item) {
     const Item it = item_at(item);
     auto partial = [&](Index split, Index row) {
-      return reinterpret_cast<Acc*>(partials + static_cast<std::size_t>(item * plan.splits + split) *
-                                                   plan.partial_bytes) +
-             row * (head_dim + 2);
+      return reinterpret_cast<const Acc*>(partials + static_cast<std::size_t>(
+                                                         item * plan.splits + split) *
+                                                         plan.partial_bytes) +
+             row * (head_dim + 3);
     };
     for (Index row = 0; row < it.num_rows; ++row) {
-      Acc* first = partial(0, row);
-      states[row] = SoftmaxState<Acc>{first[0], first[1], first + 2};
-      for (Index split = 1; split < plan.splits; ++split) {
-        Acc* other = partial(split, row);
-        states[row].merge(SoftmaxState<Acc>{other[0], other[1], other + 2}, head_dim);
+      auto merge_at = [&](Acc target_scale) {
+        SoftmaxState<Acc>& state = states[row];
+        state = SoftmaxState<Acc>{partial(0, row)[0], partial(0, row)[1], merged + row * head_dim};
+        const Acc first_factor = target_scale / partial(0, row)[2];
+        for (Index c = 0; c < head_dim; ++c) state.acc[c] = partial(0, row)[3 + c] * first_factor;
+        for (Index split = 1; split < plan.splits; ++split) {
+          const Acc* other = partial(split, row);
+          const Acc factor = target_scale / other[2];
+          for (Index c = 0; c < head_dim; ++c) rescaled[c] = other[3 + c] * factor;
+          state.merge(SoftmaxState<Acc>{other[0], other[1], rescaled}, head_dim);
+        }
+      };
+      Acc target_scale = Acc(1);
+      for (Index split = 0; split < plan.splits; ++split)
+        target_scale = std::min(target_scale, partial(split, row)[2]);
+      merge_at(target_scale);
+      if (target_scale == Acc(1) && !accumulators_finite(states + row, 1, head_dim)) {
+        target_scale = overflow_value_scale<Acc>();
+        merge_at(target_scale);
       }
+      write_row(it, row, states[row], target_scale);
     }
-    write_rows(it, states);
   }
 }
 
