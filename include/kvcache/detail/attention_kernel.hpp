@@ -269,6 +269,30 @@ void prefetch_row(const T* row, Index head_dim) {
     Eigen::internal::prefetch(bytes + b);
 }
 
+/// The online-softmax step of one query row over one block of n keys at positions first_p, ...
+/// whose scores (softcap applied) are at `scores`: masks them, raises the row's running max,
+/// and turns them into the weights of the value sums, exp(s - max) * value_scale, exactly 0
+/// for a masked key; the row's sum gets the unscaled weights. A row that sees no key of the
+/// block gets all-zero weights and an unchanged state.
+template <class Acc, class RowPosition>
+void softmax_step(const ItemRows<Acc, RowPosition>& rows, Index row, const MaskRules& mask,
+                  const ScoreParams<Acc>& score, Acc* scores, Index n, Index first_p) {
+  Eigen::Map<Eigen::Matrix<Acc, 1, Eigen::Dynamic>> s_row(scores, n);
+  mask_scores(s_row, mask, rows.batch_idx, rows.row_position(row), first_p);
+  const Acc block_max = s_row.maxCoeff();
+  if (block_max == -std::numeric_limits<Acc>::infinity()) {  // nothing visible
+    s_row.setZero();
+    return;
+  }
+  SoftmaxState<Acc>& state = rows.states[row];
+  state.rescale(std::max(state.max, block_max), rows.head_dim);
+  // Invariant: state.sum, state.acc are relative to state.max >= every score so far.
+  exp_weights(scores, n, state.max);
+  state.sum += sum(scores, n);
+  if (score.value_scale != Acc(1))
+    for (Index j = 0; j < n; ++j) scores[j] *= score.value_scale;
+}
+
 /// Scores of a block for fewer than kMatrixProductRows rows (decode): s(row, j) = q_row . k_j,
 /// four rows at a time so each key chunk is loaded (and widened) once per four rows. Rows left
 /// over take the one-row version of the same operations, so a score does not depend on the
@@ -355,7 +379,6 @@ void attend_block_fast(const ItemRows<Acc, RowPosition>& rows, const MaskRules& 
                        const NextBlock<T>& next, Acc* score_tile, Acc* widened) {
   using RowMatrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using StridedMap = Eigen::Map<const RowMatrix, Eigen::Unaligned, Eigen::OuterStride<>>;
-  const Acc minus_infinity = -std::numeric_limits<Acc>::infinity();
   const Index head_dim = rows.head_dim, n = block_len;
   Eigen::Map<RowMatrix, Eigen::Unaligned, Eigen::OuterStride<>> s(
       score_tile, rows.num_rows, n, Eigen::OuterStride<>(kKeyBlock));
@@ -385,23 +408,8 @@ void attend_block_fast(const ItemRows<Acc, RowPosition>& rows, const MaskRules& 
   if (score.softcap > 0)
     s = score.softcap * (s.array() * (Acc(1) / score.softcap)).tanh().matrix();
 
-  for (Index row = 0; row < rows.num_rows; ++row) {
-    auto s_row = s.row(row);
-    mask_scores(s_row, mask, rows.batch_idx, rows.row_position(row), first_p);
-    const Acc block_max = s_row.maxCoeff();
-    if (block_max == minus_infinity) {  // nothing visible: contributes nothing
-      s_row.setZero();
-      continue;
-    }
-    SoftmaxState<Acc>& state = rows.states[row];
-    state.rescale(std::max(state.max, block_max), head_dim);
-    // Invariant: state.sum, state.acc are relative to state.max >= every score so far. Masked
-    // keys get weight exactly 0.
-    exp_weights(score_tile + row * kKeyBlock, n, state.max);
-    state.sum += sum(score_tile + row * kKeyBlock, n);
-    if (score.value_scale != Acc(1))
-      for (Index j = 0; j < n; ++j) score_tile[row * kKeyBlock + j] *= score.value_scale;
-  }
+  for (Index row = 0; row < rows.num_rows; ++row)
+    softmax_step(rows, row, mask, score, score_tile + row * kKeyBlock, n, first_p);
 
   if (!matrix_products) {
     block_values(rows, score_tile, values, seq_stride, n);
@@ -456,7 +464,6 @@ void attend_quantized_blocks_fast(const QuantSegment& seg, const MaskRules& mask
   const Index group = seg.group_size;
   const Index groups = format.groups_per_token();
   const Index row_bytes = format.code_row_bytes();
-  const Acc minus_infinity = -std::numeric_limits<Acc>::infinity();
 
   Acc* const key_scales = scratch;                         // (head_dim)
   Acc* const key_zeros = key_scales + head_dim;            // (head_dim)
@@ -522,24 +529,13 @@ void attend_quantized_blocks_fast(const QuantSegment& seg, const MaskRules& mask
       }
     }
     // Online softmax update per row; weights become exp(s - max), 0 where masked.
+    // (acc gets the zero-point part sum_j w_j * vzero[j][g] through zero_sums below.)
     for (Index row = 0; row < num_rows; ++row) {
-      Eigen::Map<Eigen::Matrix<Acc, 1, Eigen::Dynamic>> s_row(weights + row * group, group);
-      if (score.softcap > 0)
-        s_row = score.softcap * (s_row.array() * (Acc(1) / score.softcap)).tanh().matrix();
-      mask_scores(s_row, mask, rows.batch_idx, rows.row_position(row), first_p);
-      const Acc block_max = s_row.maxCoeff();
-      if (block_max == minus_infinity) {  // nothing visible: contributes nothing
-        s_row.setZero();
-        continue;
+      if (score.softcap > 0) {
+        Eigen::Map<Eigen::Array<Acc, 1, Eigen::Dynamic>> s_row(weights + row * group, group);
+        s_row = score.softcap * (s_row * (Acc(1) / score.softcap)).tanh();
       }
-      SoftmaxState<Acc>& state = rows.states[row];
-      state.rescale(std::max(state.max, block_max), head_dim);
-      // Invariant: state.sum, state.acc are relative to state.max >= every score so far; acc
-      // gets the zero-point part sum_j w_j * vzero[j][g] through zero_sums below.
-      exp_weights(weights + row * group, group, state.max);
-      state.sum += sum(weights + row * group, group);
-      if (score.value_scale != Acc(1))
-        for (Index j = 0; j < group; ++j) weights[row * group + j] *= score.value_scale;
+      softmax_step(rows, row, mask, score, weights + row * group, group, first_p);
     }
     // Values, one group of channels at a time: acc[c] += sum_j (w_j * vscale[j][g]) * code[j][c]
     // + sum_j w_j * vzero[j][g].
