@@ -290,7 +290,9 @@ void check_attend_errors(const Cache& cache) {
     invalid(t(1, kQueryHeads, 1, kHeadDim), bad, "scale must be finite");
   }
   // Key masks span position() columns and at least q's batch rows.
-  Mask few_rows(1, position), short_mask(kBatch, position - 1), long_mask(kBatch, position + 1);
+  // (max: g++ cannot see position >= 1 here and warns of a negative size.)
+  Mask few_rows(1, position), short_mask(kBatch, std::max<Index>(position - 1, 0)),
+      long_mask(kBatch, position + 1);
   for (const Mask* mask : {&few_rows, &short_mask, &long_mask}) {
     AttendOptions masked;
     masked.key_mask = mask;
