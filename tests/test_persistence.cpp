@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "support/catch.hpp"
+#include "support/counting_allocator.hpp"
 #include "support/reference.hpp"
 
 using namespace kvtest;
@@ -45,53 +46,8 @@ namespace kd = kvcache::detail;
 // The absurd-size tests check that load() never asks for more than about what the stream held.
 // (Eigen's tensors allocate with malloc and are not seen here, but load() makes none before the
 // whole record has been read and checked; the staging of the payload uses std::vector.)
-namespace {
-std::atomic<bool> tracking_allocations{false};
-std::atomic<std::size_t> largest_allocation{0};
-}  // namespace
-
-// g++ 12 sees std::free of what its inlined view calls operator new and warns
-// (-Wmismatched-new-delete); here both are malloc/free, which is the point of replacing them.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-// Every non-aligned form is replaced, so that each pair matches (AddressSanitizer checks that
-// what operator new allocated is released by operator delete; the aligned forms stay the
-// library's, as a pair).
-namespace {
-void* tracked_allocation(std::size_t size) noexcept {
-  if (tracking_allocations.load(std::memory_order_relaxed)) {
-    std::size_t seen = largest_allocation.load(std::memory_order_relaxed);
-    while (size > seen && !largest_allocation.compare_exchange_weak(seen, size)) {
-    }
-  }
-  return std::malloc(size == 0 ? 1 : size);
-}
-}  // namespace
-void* operator new(std::size_t size) {
-  if (void* p = tracked_allocation(size)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t size) {
-  if (void* p = tracked_allocation(size)) return p;
-  throw std::bad_alloc();
-}
-void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
-  return tracked_allocation(size);
-}
-void* operator new[](std::size_t size, const std::nothrow_t&) noexcept {
-  return tracked_allocation(size);
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+using kvtest::largest_allocation;
+using kvtest::tracking_allocations;
 
 namespace {
 

@@ -3,49 +3,7 @@
 #include "support/catch.hpp"
 #include "support/reference.hpp"
 
-#include <atomic>
-#include <cstdlib>
-#include <new>
-
-// --- A counting global allocator: every operator new of this test binary goes through here. --
-// g++ 12 inlines these replacements into library code and then mistakes the malloc/free pair
-// underneath for a new/free mismatch (-Wmismatched-new-delete); they do match.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-namespace {
-std::atomic<long> allocations{0};
-
-void* counted_allocation(std::size_t bytes, std::size_t alignment) {
-  allocations.fetch_add(1, std::memory_order_relaxed);
-  if (bytes == 0) bytes = 1;
-  void* p = nullptr;
-  if (alignment <= alignof(std::max_align_t)) {
-    p = std::malloc(bytes);
-  } else if (posix_memalign(&p, alignment, bytes) != 0) {
-    p = nullptr;
-  }
-  if (p == nullptr) throw std::bad_alloc();
-  return p;
-}
-}  // namespace
-
-void* operator new(std::size_t bytes) { return counted_allocation(bytes, 0); }
-void* operator new[](std::size_t bytes) { return counted_allocation(bytes, 0); }
-void* operator new(std::size_t bytes, std::align_val_t a) {
-  return counted_allocation(bytes, static_cast<std::size_t>(a));
-}
-void* operator new[](std::size_t bytes, std::align_val_t a) {
-  return counted_allocation(bytes, static_cast<std::size_t>(a));
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+#include "support/counting_allocator.hpp"
 
 using namespace kvtest;
 using kvcache::AttendOptions;
@@ -56,9 +14,9 @@ namespace {
 /// Heap allocations made by f().
 template <class F>
 long allocations_during(F&& f) {
-  const long before = allocations.load();
+  const long before = allocation_count.load();
   f();
-  return allocations.load() - before;
+  return allocation_count.load() - before;
 }
 
 /// Decode steps over `cache` with one workspace and one output: after the first, none may
