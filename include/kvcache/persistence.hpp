@@ -376,6 +376,7 @@ inline void require_within_limit(const Reader& reader, Index memory_bytes,
 /// tensor in Layout's memory order: the order of every K/V payload in a record.
 template <class Layout, class F>
 void for_each_row(Index batch, Index heads, Index count, F&& f) {
+  if (count <= 0) return;  // no rows, however many heads (see copy_positions)
   for (Index b = 0; b < batch; ++b) {
     if constexpr (std::is_same_v<Layout, BHSD>) {
       for (Index h = 0; h < heads; ++h)

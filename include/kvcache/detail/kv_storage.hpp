@@ -20,6 +20,9 @@ template <class T>
 void copy_positions(const T* src, const Strides& src_strides, Index src_begin, T* dst,
                     const Strides& dst_strides, Index dst_begin, Index batch, Index heads,
                     Index length, Index head_dim) {
+  // Nothing to copy: return before walking batch x heads (a cache of no positions may declare
+  // any number of heads; fuzz_load found a 2^42-head record that made load() loop for hours).
+  if (length <= 0 || head_dim <= 0) return;
   for (Index b = 0; b < batch; ++b)
     for (Index h = 0; h < heads; ++h)
       for (Index i = 0; i < length; ++i)
@@ -34,6 +37,7 @@ void copy_positions(const T* src, const Strides& src_strides, Index src_begin, T
 template <class T>
 void zero_positions(T* dst, const Strides& strides, Index begin, Index batch_begin,
                     Index batch_end, Index heads, Index length, Index head_dim) {
+  if (length <= 0 || head_dim <= 0) return;  // as copy_positions
   for (Index b = batch_begin; b < batch_end; ++b)
     for (Index h = 0; h < heads; ++h)
       for (Index i = 0; i < length; ++i)
