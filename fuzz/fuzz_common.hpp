@@ -7,6 +7,8 @@
 
 #include <kvcache/kvcache.hpp>
 
+#include "support/reference.hpp"
+
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -200,21 +202,7 @@ std::string dims_of(const Tensor4<T>& x) {
               x.dimension(3), "]");
 }
 
-/// The raw bytes of a cache's quantized blocks, read through its attention view (empty for the
-/// other kinds): keys() shows dequantized numbers, which different blocks could share.
-template <class Cache>
-std::vector<std::uint8_t> quantized_bytes(const Cache& c) {
-  const auto view = c.attention_view();
-  const kvcache::detail::QuantSegment& s = view.quantized;
-  std::vector<std::uint8_t> out;
-  if (s.num_blocks == 0) return out;
-  for (Index b = 0; b < view.batch_size; ++b)
-    for (Index h = 0; h < view.num_heads; ++h) {
-      const std::uint8_t* first = s.blocks + b * s.batch_stride + h * s.head_stride;
-      out.insert(out.end(), first, first + s.num_blocks * s.bytes_per_block);
-    }
-  return out;
-}
+using kvtest::quantized_bytes;  // tests/support/reference.hpp
 
 /// Everything a cache shows, to check that a failing call changed nothing.
 template <class Cache>

@@ -6,6 +6,7 @@
 #include <kvcache/kvcache.hpp>
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <random>
 #include <string>
@@ -225,6 +226,24 @@ constexpr double tolerance() {
   else if constexpr (std::is_same_v<T, float>) return 2e-5;
   else if constexpr (std::is_same_v<T, Eigen::half>) return 5e-3;
   else return 3e-2;
+}
+
+/// The bytes of every quantized block a cache holds, (batch, head, block) order, read through
+/// its attention view: a QuantizedKVCache's integer codes, zero points and scales; empty for
+/// the other kinds. keys() and values() show the dequantized numbers, which two different
+/// blocks could share; these bytes tell them apart.
+template <class Cache>
+std::vector<std::uint8_t> quantized_bytes(const Cache& c) {
+  const auto view = c.attention_view();
+  const kvcache::detail::QuantSegment& s = view.quantized;
+  std::vector<std::uint8_t> out;
+  if (s.num_blocks == 0) return out;
+  for (Index b = 0; b < view.batch_size; ++b)
+    for (Index h = 0; h < view.num_heads; ++h) {
+      const std::uint8_t* first = s.blocks + b * s.batch_stride + h * s.head_stride;
+      out.insert(out.end(), first, first + s.num_blocks * s.bytes_per_block);
+    }
+  return out;
 }
 
 }  // namespace kvtest
