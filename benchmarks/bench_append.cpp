@@ -95,6 +95,7 @@ std::shared_ptr<const kvcache::FrozenKVCache<float>> frozen_prefix() {
 int main(int argc, char** argv) {
   kvcache_bench::take_full_flag(&argc, argv);  // accepted for symmetry; one parameter set
   benchmark::Initialize(&argc, argv);
+  kvcache_bench::add_common_context();
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   using namespace kvcache;
   register_kind<StaticKVCache<float>>("static", [] {

@@ -108,7 +108,12 @@ namespace detail {
 
 /// Sum of n floats with eight independent 8-lane accumulators (GCC/Clang vector extensions:
 /// vectorised whatever -march says, no -ffast-math needed, and the loads cannot be elided
-/// since the result is passed to benchmark::DoNotOptimize).
+/// since the result is passed to benchmark::DoNotOptimize). Compiled for AVX-512, AVX2 and the
+/// baseline, the CPU picking one at load time (g++'s target_clones), so the probe reads as fast
+/// as the widest loads this CPU has, like the kernel it is compared with.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 inline float vector_sum(const float* data, std::size_t n) {
   typedef float v8f __attribute__((vector_size(32)));
   constexpr std::size_t kLanes = 8, kUnroll = 8, kStep = kLanes * kUnroll;
@@ -198,6 +203,22 @@ inline double read_bandwidth(std::size_t bytes, int threads = 1) {
   return bandwidth;
 }
 
+/// Bytes of the buffer of the DRAM probe: 256 MiB, eight times the largest last-level cache of
+/// the machines this runs on (32 MiB), so no pass finds it in any cache.
+inline constexpr std::size_t kDramProbeBytes = std::size_t(256) << 20;
+
+/// Bytes per second of a plain vectorised read of a buffer far larger than the last-level
+/// cache (kDramProbeBytes) with `threads` threads: the memory bus. read_bandwidth(bytes) is
+/// the read of a cache's own size, which sits in L2/L3 when the cache does.
+inline double dram_read_bandwidth(int threads = 1) { return read_bandwidth(kDramProbeBytes, threads); }
+
+/// The context lines every benchmark binary prints in its header: the kernel variant attend()
+/// runs (kvcache::kernel_isa(), KVCACHE_ISA caps it) and the DRAM probe's size.
+inline void add_common_context() {
+  benchmark::AddCustomContext("kvcache_kernel_isa", kvcache::kernel_isa());
+  benchmark::AddCustomContext("kvcache_dram_probe_MiB", std::to_string(kDramProbeBytes >> 20));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Bytes a decode step reads.
 
@@ -237,8 +258,10 @@ class LoopTimer {
 };
 
 /// After the timing loop of a decode benchmark: bytes/s (SetBytesProcessed with the K/V bytes
-/// read per step) and "roofline" = (bytes/s) / (read bandwidth of as many bytes with as many
-/// threads), plus the plain numbers the plot script needs. Benchmarks must UseRealTime().
+/// read per step), "roofline" = (bytes/s) / (read bandwidth of as many bytes with as many
+/// threads: hot when the cache fits in L2/L3), "roofline_dram" = (bytes/s) / (read bandwidth of
+/// a buffer far larger than the last-level cache with as many threads: the bus), plus the
+/// plain numbers the plot script needs. Benchmarks must UseRealTime().
 /// `loop_seconds`: wall time of the whole timing loop (LoopTimer).
 inline void report_decode_counters(benchmark::State& state, std::size_t bytes_per_step,
                                    double read_bytes_per_second, Index n_kv, int threads,
@@ -247,6 +270,7 @@ inline void report_decode_counters(benchmark::State& state, std::size_t bytes_pe
   state.SetBytesProcessed(static_cast<std::int64_t>(bytes_per_step) * state.iterations());
   const double bytes_per_second = iterations * static_cast<double>(bytes_per_step) / loop_seconds;
   state.counters["roofline"] = bytes_per_second / read_bytes_per_second;
+  state.counters["roofline_dram"] = bytes_per_second / dram_read_bandwidth(threads);
   state.counters["GBps"] = bytes_per_second * 1e-9;
   state.counters["read_GBps"] = read_bytes_per_second * 1e-9;
   state.counters["kv_MiB"] = static_cast<double>(bytes_per_step) / (1024.0 * 1024.0);

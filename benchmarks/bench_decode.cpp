@@ -31,7 +31,13 @@
 //                     scales + zeros + unquantized tail, the shared prefix) / real time
 //   GBps              the same in 1e9 bytes/s, measured with the loop's wall clock
 //   roofline          GBps / read bandwidth of a plain vectorised sum over as many
-//                     bytes with as many threads, measured in this process (read_GBps)
+//                     bytes with as many threads, measured in this process (read_GBps):
+//                     the hot ratio when the cache fits in L2/L3
+//   roofline_dram     GBps / read bandwidth of a 256 MiB buffer (far past the last-level
+//                     cache) with as many threads: the ratio to the memory bus. A cache larger
+//                     than the LLC (fp32 at 16384: 128 MiB) streams from DRAM, and then both
+//                     ratios agree; a smaller one (int4 at 16384: 20 MiB) is read hot.
+// The header names the kernel variant (kvcache_kernel_isa; KVCACHE_ISA=scalar|avx2|avx512).
 //   kv_MiB, n_kv, threads
 #include "bench_common.hpp"
 
@@ -182,6 +188,7 @@ void register_all(bool full) {
 int main(int argc, char** argv) {
   const bool full = kvcache_bench::take_full_flag(&argc, argv);
   benchmark::Initialize(&argc, argv);
+  kvcache_bench::add_common_context();
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::AddCustomContext("kvcache_param_set", full ? "full" : "default");
   register_all(full);

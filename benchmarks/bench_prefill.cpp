@@ -126,6 +126,7 @@ void register_dtype() {
 int main(int argc, char** argv) {
   kvcache_bench::take_full_flag(&argc, argv);  // accepted for symmetry; one parameter set
   benchmark::Initialize(&argc, argv);
+  kvcache_bench::add_common_context();
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   register_dtype<float>();
   register_dtype<Eigen::bfloat16>();

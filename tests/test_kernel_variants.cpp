@@ -5,6 +5,9 @@
 #include "support/catch.hpp"
 #include "support/reference.hpp"
 
+#include <algorithm>
+#include <cstdlib>
+
 using namespace kvtest;
 using kvcache::AttendOptions;
 using kvcache::detail::attend_with_reference_kernel;
@@ -127,4 +130,23 @@ TEST_CASE("a masked non-finite value does not leak into any row", "[kernel]") {
   mask.setConstant(false);  // nothing visible: zeros (rule 4), not NaN
   const Tensor4<float> none = kvcache::attend(q, cache, options);
   for (Index i = 0; i < none.size(); ++i) REQUIRE(none.data()[i] == 0.0f);
+}
+
+// ctest runs the kernel tests once per KVCACHE_ISA cap (tests/CMakeLists.txt): the variant that
+// runs is the cap, or the best the CPU has when that is lower, never more.
+TEST_CASE("kernel_isa() names the variant the KVCACHE_ISA cap selects", "[kernel][isa]") {
+  using kvcache::detail::Isa;
+  const Isa best = std::min(kvcache::detail::detect_isa(), kvcache::detail::best_compiled_isa());
+  const char* cap_text = std::getenv("KVCACHE_ISA");
+  const Isa cap = kvcache::detail::isa_cap(cap_text);
+  const Isa want = std::min(best, cap);
+  CAPTURE(cap_text == nullptr ? "(unset)" : cap_text, kvcache::kernel_isa());
+  REQUIRE(kvcache::detail::selected_isa() == want);
+  REQUIRE(kvcache::kernel_isa() == kvcache::detail::isa_name(want));
+  // Unknown words and "best" cap nothing.
+  REQUIRE(kvcache::detail::isa_cap("best") == Isa::kAvx512);
+  REQUIRE(kvcache::detail::isa_cap("sse9") == Isa::kAvx512);
+  REQUIRE(kvcache::detail::isa_cap(nullptr) == Isa::kAvx512);
+  REQUIRE(kvcache::detail::isa_cap("scalar") == Isa::kScalar);
+  REQUIRE(kvcache::detail::isa_cap("avx2") == Isa::kAvx2);
 }

@@ -4,7 +4,7 @@
 
 #include <kvcache/attend_options.hpp>
 #include <kvcache/attend_workspace.hpp>
-#include <kvcache/detail/attention_kernel.hpp>
+#include <kvcache/detail/kernel/schedule.hpp>
 #include <kvcache/errors.hpp>
 
 #include <algorithm>

@@ -20,6 +20,7 @@
 #include <kvcache/quantized_cache.hpp>
 #include <kvcache/attend_options.hpp>
 #include <kvcache/attend_workspace.hpp>
+#include <kvcache/kernel_isa.hpp>
 #include <kvcache/attend.hpp>
 #include <kvcache/model_cache.hpp>
 

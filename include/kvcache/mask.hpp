@@ -9,6 +9,10 @@ namespace detail {
 
 /// Which keys a query sees. Every cache kind and every kernel uses this one definition.
 struct MaskRules {
+  static constexpr Index clamp(Index x, Index low, Index high) {
+    return x < low ? low : (x > high ? high : x);
+  }
+
   bool causal = true;
   Index window = 0;           ///< effective window (the tighter of the option's and the cache's); 0: none
   Index num_sink_tokens = 0;  ///< positions below this are exempt from the window rule
@@ -27,6 +31,20 @@ struct MaskRules {
   /// True when no key at a position >= p is visible to the query at t (keys are visited in
   /// increasing position, so the kernel can stop).
   bool past_end(Index t, Index p) const { return causal && p > t; }
+
+  /// Whether the keys [first_p, first_p + n) need the rules key by key (a key mask, or sinks
+  /// inside the window's reach); otherwise visible_range() says which keys a query sees.
+  bool per_key(Index first_p) const {
+    return key_mask != nullptr || (window > 0 && first_p < num_sink_tokens);
+  }
+
+  /// The keys j in [begin, end) of the n keys at positions first_p + j that the query at t sees
+  /// under rules 1 and 2, when !per_key(first_p): causal and window each cut one range.
+  void visible_range(Index t, Index first_p, Index n, Index& begin, Index& end) const {
+    end = causal ? clamp(t - first_p + 1, 0, n) : n;
+    begin = window > 0 ? clamp(t - window + 1 - first_p, 0, n) : 0;
+    if (begin > end) begin = end;
+  }
 
   /// True when the window rule hides every key at positions [first_p, last_p] from the query
   /// at t, none of them a sink (then it hides them from every later query too).

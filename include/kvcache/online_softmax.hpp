@@ -74,6 +74,52 @@ struct SoftmaxState {
   }
 };
 
+/// A softmax state saved for a later merge (split-K: one per split of a sequence), in a flat
+/// run of elements(head_dim) numbers of Acc: the max, the sum, the value scale its
+/// accumulators were summed with (1 or overflow_value_scale()), then head_dim accumulators.
+template <class Acc>
+class PartialState {
+ public:
+  static constexpr Index elements(Index head_dim) { return kAccumulators + head_dim; }
+
+  /// Writes `state` (value sums at value_scale) to `to`, elements(head_dim) numbers.
+  static void save(const SoftmaxState<Acc>& state, Acc value_scale, Index head_dim, Acc* to) {
+    to[kMax] = state.max;
+    to[kSum] = state.sum;
+    to[kValueScale] = value_scale;
+    for (Index c = 0; c < head_dim; ++c) to[kAccumulators + c] = state.acc[c];
+  }
+
+  explicit PartialState(const Acc* saved) : saved_(saved) {}
+  Acc max() const { return saved_[kMax]; }
+  Acc sum() const { return saved_[kSum]; }
+  Acc value_scale() const { return saved_[kValueScale]; }
+  const Acc* acc() const { return saved_ + kAccumulators; }
+
+  /// Merges `count` saved states over disjoint key ranges, in order, the first at `parts`, the
+  /// others `part_stride` numbers apart, into `into` (whose acc points at head_dim
+  /// accumulators), with every value sum brought to target_scale (an exact power of two, at
+  /// most each part's value_scale()). `rescaled`: head_dim scratch.
+  static void merge(const Acc* parts, Index part_stride, Index count, Index head_dim,
+                    Acc target_scale, SoftmaxState<Acc>& into, Acc* rescaled) {
+    const PartialState first(parts);
+    into.max = first.max();
+    into.sum = first.sum();
+    const Acc first_factor = target_scale / first.value_scale();
+    for (Index c = 0; c < head_dim; ++c) into.acc[c] = first.acc()[c] * first_factor;
+    for (Index i = 1; i < count; ++i) {
+      const PartialState other(parts + i * part_stride);
+      const Acc factor = target_scale / other.value_scale();
+      for (Index c = 0; c < head_dim; ++c) rescaled[c] = other.acc()[c] * factor;
+      into.merge(SoftmaxState<Acc>{other.max(), other.sum(), rescaled}, head_dim);
+    }
+  }
+
+ private:
+  static constexpr Index kMax = 0, kSum = 1, kValueScale = 2, kAccumulators = 3;
+  const Acc* saved_;
+};
+
 }  // namespace detail
 }  // namespace kvcache
 

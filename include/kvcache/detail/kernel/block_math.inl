@@ -1,0 +1,240 @@
+// kvcache: the vector loops of the kernel - dot products, exponentials, value sums - written once
+// over the variant's vector type (FloatVec, or PortableVec for double) and compiled once per
+// variant: detail/kernel/variants.hpp includes this file inside each variant's namespace and
+// target region. No include guard and no includes, for that reason.
+//
+// Every loop adds in an order fixed by the code (lane l of an accumulator holds the terms of
+// the elements with index % width == l; lanes are added in a fixed tree by sum()), never by
+// where the data sits: the same inputs give the same bits on every call, in any grouping.
+
+/// The variant's vector of Acc: FloatVec for float, the portable vector for double.
+template <class Acc>
+struct VecFor {
+  using type = PortableVec<Acc, 2>;
+};
+template <>
+struct VecFor<float> {
+  using type = FloatVec;
+};
+template <class Acc>
+using VecOf = typename VecFor<Acc>::type;
+
+/// One vector of elements c .. c + width - 1 of a row of the source (Stored<T> or Codes<Bits>),
+/// converted to Acc in registers.
+template <class Source, class V>
+V load_from(const typename Source::Element* row, Index c) {
+  if constexpr (Source::bits == 0)
+    return V::load(row + c);
+  else
+    return V::template load_codes<Source::bits>(row, c);
+}
+
+/// Dot products of `Rows` query rows with one key row: out[r] = rows[r] . key. Each chunk of the
+/// key is loaded (and widened) once for all rows, so a GQA group reads every key once. Each row
+/// keeps two accumulators (even and odd chunks) to halve the FMA latency chain; a row's score
+/// gets the same operations alone or in a group.
+template <int Rows, class Source, class Acc>
+void dot_rows(const Acc* const* rows, const typename Source::Element* key, Index head_dim,
+              Acc* out) {
+  using V = VecOf<Acc>;
+  constexpr Index kWidth = V::width;
+  V even[Rows], odd[Rows];
+  for (int r = 0; r < Rows; ++r) even[r] = odd[r] = V::zero();
+  Index c = 0;
+  // Invariant: even[r] + odd[r] hold the partial sums of rows[r][i] * key[i] over i < c, by
+  // i % kWidth; even[r] the chunks at even multiples of kWidth, odd[r] the others.
+  for (; c + 2 * kWidth <= head_dim; c += 2 * kWidth) {
+    const V key_even = load_from<Source, V>(key, c);
+    const V key_odd = load_from<Source, V>(key, c + kWidth);
+    for (int r = 0; r < Rows; ++r) {
+      even[r] = V::mul_add(V::load(rows[r] + c), key_even, even[r]);
+      odd[r] = V::mul_add(V::load(rows[r] + c + kWidth), key_odd, odd[r]);
+    }
+  }
+  if (c + kWidth <= head_dim) {
+    const V key_even = load_from<Source, V>(key, c);
+    for (int r = 0; r < Rows; ++r) even[r] = V::mul_add(V::load(rows[r] + c), key_even, even[r]);
+    c += kWidth;
+  }
+  for (int r = 0; r < Rows; ++r) {
+    Acc tail = 0;
+    for (Index i = c; i < head_dim; ++i) tail += rows[r][i] * Source::template scalar<Acc>(key, i);
+    out[r] = V::add(even[r], odd[r]).sum() + tail;
+  }
+}
+
+/// The dot products of num_rows rows (row r at rows + r * row_stride) with one key, written to
+/// out[r * out_stride]: four rows at a time, the rows left over one at a time.
+template <class Source, class Acc>
+void dot_all_rows(const Acc* rows, Index row_stride, Index num_rows,
+                  const typename Source::Element* key, Index head_dim, Acc* out, Index out_stride) {
+  Index row = 0;
+  for (; row + 4 <= num_rows; row += 4) {
+    const Acc* four[4] = {rows + row * row_stride, rows + (row + 1) * row_stride,
+                          rows + (row + 2) * row_stride, rows + (row + 3) * row_stride};
+    Acc scores[4];
+    dot_rows<4, Source>(four, key, head_dim, scores);
+    for (int r = 0; r < 4; ++r) out[(row + r) * out_stride] = scores[r];
+  }
+  for (; row < num_rows; ++row) {
+    const Acc* single[1] = {rows + row * row_stride};
+    dot_rows<1, Source>(single, key, head_dim, out + row * out_stride);
+  }
+}
+
+/// The softmax weights of a row of scores relative to `max`: s[j] = exp(s[j] - max), exactly 0
+/// where s[j] is -inf (a masked key). Lanes past the last whole vector use std::exp, by index.
+template <class Acc>
+void exp_weights(Acc* s, Index n, Acc max) {
+  using V = VecOf<Acc>;
+  Index j = 0;
+  for (; j + V::width <= n; j += V::width) V::exp_shifted(V::load(s + j), max).store(s + j);
+  for (; j < n; ++j) s[j] = s[j] == -std::numeric_limits<Acc>::infinity() ? Acc(0) : std::exp(s[j] - max);
+}
+
+/// acc[r][c] += weight[r] * value[c] for `Rows` accumulator rows and one value row: the value
+/// chunk is loaded once for all rows. The path that skips single keys uses it.
+template <int Rows, class Acc, class T>
+void axpy_rows(Acc* const* acc, const Acc* weight, const T* value, Index head_dim) {
+  using V = VecOf<Acc>;
+  V w[Rows];
+  for (int r = 0; r < Rows; ++r) w[r] = V::broadcast(weight[r]);
+  Index c = 0;
+  for (; c + V::width <= head_dim; c += V::width) {
+    const V v = V::load(value + c);
+    for (int r = 0; r < Rows; ++r) V::mul_add(w[r], v, V::load(acc[r] + c)).store(acc[r] + c);
+  }
+  for (; c < head_dim; ++c)
+    for (int r = 0; r < Rows; ++r) acc[r][c] += weight[r] * static_cast<Acc>(value[c]);
+}
+
+/// acc[r][c] += sum_j weight[r][j] * values[j][c] for `Rows` accumulator rows over `n` value
+/// rows (weights of row r at weights + r * weight_stride): the accumulators of a strip of
+/// columns stay in registers while every value row streams past, so each is loaded and stored
+/// once per block. Element (r, c) receives exactly the operations of n calls of axpy_rows, in
+/// the same order.
+template <int Rows, class Source, class Acc>
+void accumulate_rows(Acc* const* acc, const Acc* weights, Index weight_stride,
+                     const typename Source::Element* values, Index value_stride, Index n,
+                     Index head_dim) {
+  using V = VecOf<Acc>;
+  constexpr Index kWidth = V::width;
+  constexpr int kStrip = 2;  // vectors per row in registers: Rows * kStrip accumulators
+  Index c = 0;
+  for (; c + kStrip * kWidth <= head_dim; c += kStrip * kWidth) {
+    V lane[Rows][kStrip];
+    for (int r = 0; r < Rows; ++r)
+      for (int s = 0; s < kStrip; ++s) lane[r][s] = V::load(acc[r] + c + s * kWidth);
+    // Invariant: lane[r][s] = acc[r][c + s * kWidth ...] plus the terms of value rows < j.
+    for (Index j = 0; j < n; ++j) {
+      const auto* value = values + j * value_stride;
+      V v[kStrip];
+      for (int s = 0; s < kStrip; ++s) v[s] = load_from<Source, V>(value, c + s * kWidth);
+      for (int r = 0; r < Rows; ++r) {
+        const V w = V::broadcast(weights[r * weight_stride + j]);
+        for (int s = 0; s < kStrip; ++s) lane[r][s] = V::mul_add(w, v[s], lane[r][s]);
+      }
+    }
+    for (int r = 0; r < Rows; ++r)
+      for (int s = 0; s < kStrip; ++s) lane[r][s].store(acc[r] + c + s * kWidth);
+  }
+  for (; c + kWidth <= head_dim; c += kWidth) {
+    V lane[Rows];
+    for (int r = 0; r < Rows; ++r) lane[r] = V::load(acc[r] + c);
+    for (Index j = 0; j < n; ++j) {
+      const V v = load_from<Source, V>(values + j * value_stride, c);
+      for (int r = 0; r < Rows; ++r)
+        lane[r] = V::mul_add(V::broadcast(weights[r * weight_stride + j]), v, lane[r]);
+    }
+    for (int r = 0; r < Rows; ++r) lane[r].store(acc[r] + c);
+  }
+  for (Index j = 0; j < n; ++j)
+    for (Index cc = c; cc < head_dim; ++cc)
+      for (int r = 0; r < Rows; ++r)
+        acc[r][cc] += weights[r * weight_stride + j] *
+                      Source::template scalar<Acc>(values + j * value_stride, cc);
+}
+
+/// acc += P V for num_rows accumulator rows of `columns` columns (row r at accumulators +
+/// r * row_stride, its weights at weights + r * weight_stride) over n value rows: four rows at
+/// a time through accumulate_rows, the rest one at a time.
+template <class Source, class Acc>
+void accumulate_all_rows(Acc* accumulators, Index num_rows, Index row_stride, Index columns,
+                         const Acc* weights, Index weight_stride,
+                         const typename Source::Element* values, Index value_stride, Index n) {
+  Index row = 0;
+  for (; row + 4 <= num_rows; row += 4) {
+    Acc* acc[4];
+    for (int r = 0; r < 4; ++r) acc[r] = accumulators + (row + r) * row_stride;
+    accumulate_rows<4, Source>(acc, weights + row * weight_stride, weight_stride, values,
+                               value_stride, n, columns);
+  }
+  for (; row < num_rows; ++row) {
+    Acc* acc[1] = {accumulators + row * row_stride};
+    accumulate_rows<1, Source>(acc, weights + row * weight_stride, weight_stride, values,
+                               value_stride, n, columns);
+  }
+}
+
+/// The score tile of a block for many rows (prefill): tile[r][j] = q_r . k_j for num_rows rows
+/// and n <= kKeyBlock keys, from the block's keys transposed (keys_t[c][j], kKeyBlock columns,
+/// columns n .. padded with zeros to whole vectors). Four rows by two vectors of keys per step:
+/// each transposed chunk is loaded once for four rows, each query element broadcast once for
+/// two chunks, eight independent FMA chains. A score's additions run over c in order, the same
+/// in every grouping.
+template <class Acc>
+void tile_scores(const Acc* queries, Index num_rows, Index head_dim, const Acc* keys_t, Index n,
+                 Acc* tile) {
+  using V = VecOf<Acc>;
+  constexpr Index kWidth = V::width;
+  const Index columns = (n + kWidth - 1) / kWidth * kWidth;
+  auto block = [&](auto rows_tag, auto vecs_tag, Index row, Index j) {
+    constexpr int kRows = decltype(rows_tag)::value, kVecs = decltype(vecs_tag)::value;
+    V lane[kRows][kVecs];
+    for (int r = 0; r < kRows; ++r)
+      for (int s = 0; s < kVecs; ++s) lane[r][s] = V::zero();
+    // Invariant: lane[r][s] = sum over channels < c of q[row + r][c] * keys_t[c][j + s * W ...].
+    for (Index c = 0; c < head_dim; ++c) {
+      V k[kVecs];
+      for (int s = 0; s < kVecs; ++s) k[s] = V::load(keys_t + c * kKeyBlock + j + s * kWidth);
+      for (int r = 0; r < kRows; ++r) {
+        const V q = V::broadcast(queries[(row + r) * head_dim + c]);
+        for (int s = 0; s < kVecs; ++s) lane[r][s] = V::mul_add(q, k[s], lane[r][s]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r)
+      for (int s = 0; s < kVecs; ++s) lane[r][s].store(tile + (row + r) * kKeyBlock + j + s * kWidth);
+  };
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
+  using Four = std::integral_constant<int, 4>;
+  Index row = 0;
+  for (; row + 4 <= num_rows; row += 4) {
+    Index j = 0;
+    for (; j + 2 * kWidth <= columns; j += 2 * kWidth) block(Four{}, Two{}, row, j);
+    for (; j < columns; j += kWidth) block(Four{}, One{}, row, j);
+  }
+  for (; row < num_rows; ++row) {
+    Index j = 0;
+    for (; j + 2 * kWidth <= columns; j += 2 * kWidth) block(One{}, Two{}, row, j);
+    for (; j < columns; j += kWidth) block(One{}, One{}, row, j);
+  }
+}
+
+/// keys_t[c][j] = key j's element c, widened to Acc, for the n keys of a block (rows
+/// seq_stride apart); columns n .. up to a whole vector are zeros. `row` is head_dim scratch.
+template <class Acc, class T>
+void transpose_keys(const T* keys, Index seq_stride, Index n, Index head_dim, Acc* keys_t,
+                    Acc* row) {
+  using V = VecOf<Acc>;
+  for (Index j = 0; j < n; ++j) {
+    const T* key = keys + j * seq_stride;
+    Index c = 0;
+    for (; c + V::width <= head_dim; c += V::width) V::load(key + c).store(row + c);
+    for (; c < head_dim; ++c) row[c] = static_cast<Acc>(key[c]);
+    for (c = 0; c < head_dim; ++c) keys_t[c * kKeyBlock + j] = row[c];
+  }
+  const Index columns = std::min<Index>((n + V::width - 1) / V::width * V::width, kKeyBlock);
+  for (Index c = 0; c < head_dim; ++c)
+    for (Index j = n; j < columns; ++j) keys_t[c * kKeyBlock + j] = Acc(0);
+}

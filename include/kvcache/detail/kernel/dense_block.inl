@@ -1,0 +1,121 @@
+// kvcache: one block of up to kKeyBlock keys/values of T (float, double, half, bfloat16) for
+// every query row of a work unit - scores, masking, softcap, the online-softmax step, the value
+// sums - in the variant's vectors. Compiled once per variant (detail/kernel/variants.hpp; no
+// include guard, no includes).
+
+/// The online-softmax step of one query row over one block of n keys at positions first_p, ...
+/// whose scores (softcap applied) are at `scores`: masks them, raises the row's running max,
+/// and turns them into the weights of the value sums, exp(s - max) * value_scale, exactly 0 for
+/// a masked key; the row's sum gets the unscaled weights. A row that sees no key of the block
+/// gets all-zero weights and an unchanged state.
+template <class Acc>
+void softmax_step(const ItemRows<Acc>& rows, Index row, const MaskRules& mask,
+                  const ScoreParams<Acc>& score, Acc* scores, Index n, Index first_p) {
+  const Acc minus_infinity = -std::numeric_limits<Acc>::infinity();
+  const Index t = rows.row_position(row);
+  if (mask.per_key(first_p)) {
+    for (Index j = 0; j < n; ++j)
+      if (!mask.visible(rows.batch_idx, t, first_p + j)) scores[j] = minus_infinity;
+  } else {
+    Index begin, end;
+    mask.visible_range(t, first_p, n, begin, end);
+    for (Index j = 0; j < begin; ++j) scores[j] = minus_infinity;
+    for (Index j = end; j < n; ++j) scores[j] = minus_infinity;
+  }
+  Acc block_max = minus_infinity;
+  for (Index j = 0; j < n; ++j) block_max = std::max(block_max, scores[j]);
+  if (block_max == minus_infinity) {  // nothing visible
+    for (Index j = 0; j < n; ++j) scores[j] = Acc(0);
+    return;
+  }
+  SoftmaxState<Acc>& state = rows.states[row];
+  state.rescale(std::max(state.max, block_max), rows.head_dim);
+  // Invariant: state.sum, state.acc are relative to state.max >= every score so far.
+  exp_weights(scores, n, state.max);
+  state.sum += sum(scores, n);
+  if (score.value_scale != Acc(1))
+    for (Index j = 0; j < n; ++j) scores[j] *= score.value_scale;
+}
+
+/// score = softcap * tanh(score / softcap) over rows x n of a tile (row stride kKeyBlock).
+template <class Acc>
+void apply_softcap(Acc* tile, Index num_rows, Index n, Acc softcap) {
+  using RowMatrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  Eigen::Map<RowMatrix, Eigen::Unaligned, Eigen::OuterStride<>> s(tile, num_rows, n,
+                                                                   Eigen::OuterStride<>(kKeyBlock));
+  s = softcap * (s.array() * (Acc(1) / softcap)).tanh().matrix();
+}
+
+/// Asks the cache hierarchy for the cache lines of one row of head_dim elements.
+template <class T>
+void prefetch_row(const T* row, Index head_dim) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (Index b = 0; b < head_dim * Index(sizeof(T)); b += kCacheLine) prefetch_line(bytes + b);
+}
+
+/// Scores of a block for fewer than kTileRows rows (decode), in place: each key row is read
+/// once, for every row of the unit (dot_all_rows). While key j is in use, value j of this block
+/// and key j of the next one are fetched: the memory streams stay busy during the arithmetic.
+template <class T, class Acc>
+void decode_scores(const ItemRows<Acc>& rows, const T* keys, const T* values, Index seq_stride,
+                   Index n, const T* next_keys, Index next_len, Acc* tile) {
+  for (Index j = 0; j < n; ++j) {
+    prefetch_row(values + j * seq_stride, rows.head_dim);
+    if (j < next_len) prefetch_row(next_keys + j * seq_stride, rows.head_dim);
+    dot_all_rows<Stored<T>>(rows.queries, rows.head_dim, rows.num_rows, keys + j * seq_stride,
+                            rows.head_dim, tile + j, kKeyBlock);
+  }
+}
+
+/// Whether every element of n value rows is finite (a masked key's weight is 0, and 0 * inf is
+/// NaN: such a block must skip masked keys one by one).
+template <class Acc, class T>
+bool all_finite(const T* values, Index seq_stride, Index n, Index head_dim) {
+  for (Index j = 0; j < n; ++j)
+    for (Index c = 0; c < head_dim; ++c)
+      if (!(Eigen::numext::isfinite)(static_cast<Acc>(values[j * seq_stride + c]))) return false;
+  return true;
+}
+
+/// acc += P V for the rows of a unit, P the block's weights (zero for masked keys). When some
+/// weight is zero and the block holds a non-finite value, zero weights are skipped key by key,
+/// so a masked inf or NaN value cannot reach a row; otherwise accumulate_all_rows.
+template <class T, class Acc>
+void block_values(const ItemRows<Acc>& rows, const Acc* weights, const T* values,
+                  Index seq_stride, Index n) {
+  const Index head_dim = rows.head_dim;
+  bool has_zero = false;
+  for (Index row = 0; row < rows.num_rows; ++row)
+    for (Index j = 0; j < n; ++j) has_zero |= weights[row * kKeyBlock + j] == Acc(0);
+  if (!has_zero || all_finite<Acc>(values, seq_stride, n, head_dim)) {
+    accumulate_all_rows<Stored<T>>(rows.accumulators, rows.num_rows, head_dim, head_dim, weights,
+                                   kKeyBlock, values, seq_stride, n);
+    return;
+  }
+  for (Index row = 0; row < rows.num_rows; ++row) {
+    Acc* acc[1] = {rows.accumulators + row * head_dim};
+    for (Index j = 0; j < n; ++j) {
+      const Acc weight = weights[row * kKeyBlock + j];
+      if (weight != Acc(0)) axpy_rows<1>(acc, &weight, values + j * seq_stride, head_dim);
+    }
+  }
+}
+
+/// One block of n keys/values of a T segment at positions first_p, ... for every row of a unit:
+/// scores (decode: dot products in place; prefill: a tile over the keys transposed into
+/// `keys_t`, kKeyBlock x head_dim plus a head_dim row buffer), softcap, the online softmax per row, then acc += P V.
+template <class T, class Acc>
+void attend_block(const ItemRows<Acc>& rows, const MaskRules& mask, const ScoreParams<Acc>& score,
+                  const T* keys, const T* values, Index seq_stride, Index n, Index first_p,
+                  const T* next_keys, Index next_len, Acc* tile, Acc* keys_t) {
+  if (rows.num_rows >= kTileRows) {
+    transpose_keys(keys, seq_stride, n, rows.head_dim, keys_t, keys_t + kKeyBlock * rows.head_dim);
+    tile_scores(rows.queries, rows.num_rows, rows.head_dim, keys_t, n, tile);
+  } else {
+    decode_scores(rows, keys, values, seq_stride, n, next_keys, next_len, tile);
+  }
+  if (score.softcap > 0) apply_softcap(tile, rows.num_rows, n, score.softcap);
+  for (Index row = 0; row < rows.num_rows; ++row)
+    softmax_step(rows, row, mask, score, tile + row * kKeyBlock, n, first_p);
+  block_values(rows, tile, values, seq_stride, n);
+}

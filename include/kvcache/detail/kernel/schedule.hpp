@@ -1,0 +1,218 @@
+// kvcache: how attend() runs - the work units of a call (batch row x KV head x query chunk,
+// and splits of a long sequence), where their scratch lives in an AttendWorkspace, which
+// compiled variant computes them, and the merge of split states. The arithmetic is elsewhere:
+// detail/kernel/variants.hpp (the compiled variants), detail/kernel/reference.hpp (the twin).
+#ifndef KVCACHE_DETAIL_KERNEL_SCHEDULE_HPP
+#define KVCACHE_DETAIL_KERNEL_SCHEDULE_HPP
+
+#include <kvcache/attend_workspace.hpp>
+#include <kvcache/detail/kernel/reference.hpp>
+#include <kvcache/detail/kernel/unit.hpp>
+#include <kvcache/detail/kernel/variants.hpp>
+#include <kvcache/kernel_isa.hpp>
+
+#include <algorithm>
+#include <memory>
+#include <numeric>
+
+namespace kvcache {
+namespace detail {
+
+/// Which kernel attend_view runs: kFast, the compiled variant kernel_isa() names; kReference,
+/// the scalar twin (detail/kernel/reference.hpp), for the tests to compare with.
+enum class KernelVariant { kFast, kReference };
+
+/// Split-K: a work item whose cache is long is cut into splits of the held positions, each a
+/// unit of its own, and their softmax states merged in split order. The number of splits
+/// depends only on the shapes (never on the device), so the serial path and any thread pool
+/// compute the same units and give the same bits.
+/// Units aimed at: enough for a pool to balance when there are few items (batch 1, few KV
+/// heads, one query token).
+inline constexpr Index kTargetUnits = 16;
+/// Shortest split: below it, the merge and the partial states cost more than they save.
+inline constexpr Index kMinSplitLength = 2048;
+
+/// How a call is cut into work units, and where their scratch lives in an AttendWorkspace.
+struct AttentionPlan {
+  Index rep = 1, chunk = 1, num_chunks = 0, num_items = 0;
+  Index splits = 1, split_length = 0;
+  Index max_rows = 0;       ///< rows of the largest unit
+  Index slots = 1;          ///< scratch slots: one per thread that may run units at once
+  std::size_t slot_bytes = 0;
+  std::size_t partial_bytes = 0;  ///< per unit, when splits > 1: states, scale, accumulators
+
+  Index num_units() const { return num_items * splits; }
+  std::size_t workspace_bytes() const {
+    return static_cast<std::size_t>(slots) * slot_bytes +
+           (splits > 1 ? static_cast<std::size_t>(num_units()) * partial_bytes : 0);
+  }
+};
+
+inline std::size_t round_up_to_line(std::size_t bytes) {
+  return (bytes + kCacheLine - 1) / kCacheLine * kCacheLine;
+}
+
+template <class T, class Acc>
+AttentionPlan plan_attention(const QueryArgs<T>& q, const KVView<T>& kv,
+                             const Eigen::ThreadPoolDevice* device) {
+  AttentionPlan plan;
+  plan.rep = q.shape.heads / kv.num_heads;
+  plan.chunk = std::max<Index>(1, kRowsPerItem / plan.rep);
+  plan.num_chunks = (q.shape.seq + plan.chunk - 1) / plan.chunk;
+  plan.num_items = q.shape.batch * kv.num_heads * plan.num_chunks;
+  plan.max_rows = plan.rep * std::min(plan.chunk, q.shape.seq);
+
+  const Index held = kv.held_length();
+  plan.split_length = held;
+  if (plan.num_items > 0 && plan.num_items < kTargetUnits && held >= 2 * kMinSplitLength) {
+    const Index wanted = std::min(kTargetUnits / plan.num_items, held / kMinSplitLength);
+    // Cuts fall on key blocks and on quantized blocks.
+    Index align = kKeyBlock;
+    if (kv.quantized.num_blocks > 0) align = std::lcm(kKeyBlock, kv.quantized.group_size);
+    const Index length = ((held + wanted - 1) / wanted + align - 1) / align * align;
+    plan.splits = (held + length - 1) / length;
+    plan.split_length = length;
+  }
+  if (device != nullptr && device->numThreads() > 1 && plan.num_units() > 1)
+    plan.slots = device->numThreads() + 1;  // pool threads and the caller
+  const Index elements = unit_scratch_elements(plan.max_rows, q.shape.head_dim, kv.quantized);
+  plan.slot_bytes = round_up_to_line(sizeof(SoftmaxState<Acc>) * plan.max_rows) +
+                    round_up_to_line(sizeof(Acc) * elements);
+  plan.partial_bytes = round_up_to_line(sizeof(Acc) * plan.max_rows *
+                                        PartialState<Acc>::elements(q.shape.head_dim));
+  return plan;
+}
+
+/// Whether every accumulator of num_rows states is finite.
+template <class Acc>
+bool accumulators_finite(const SoftmaxState<Acc>* states, Index num_rows, Index head_dim) {
+  for (Index row = 0; row < num_rows; ++row)
+    for (Index c = 0; c < head_dim; ++c)
+      if (!(Eigen::numext::isfinite)(states[row].acc[c])) return false;
+  return true;
+}
+
+/// Runs attention for every (batch row, KV head, chunk of query positions) and, for long
+/// caches with few such items, every split of the positions; on `device` when given. Scratch
+/// comes from `workspace` (grown if needed; nothing else is allocated on the serial path).
+/// Every unit is computed the same way whatever thread runs it, and splits merge in order,
+/// so the result does not depend on the device.
+template <KernelVariant Variant = KernelVariant::kFast, class T, class Acc>
+void run_attention(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& mask,
+                   const ScoreParams<Acc>& score, const Eigen::ThreadPoolDevice* device,
+                   AttendWorkspace& workspace) {
+  const AttentionPlan plan = plan_attention<T, Acc>(q, kv, device);
+  const UnitFunction<T, Acc> attend_unit = Variant == KernelVariant::kReference
+                                               ? &reference::attend_unit<T, Acc>
+                                               : unit_function<T, Acc>(selected_isa());
+  workspace.reserve(plan.workspace_bytes());
+  unsigned char* const base = workspace.data();
+  unsigned char* const partials = base + static_cast<std::size_t>(plan.slots) * plan.slot_bytes;
+  const Index head_dim = q.shape.head_dim;
+
+  struct Item {
+    Index batch_idx, kv_head_idx, q_begin, q_end, num_rows;
+  };
+  auto item_at = [&](Index item) {
+    const Index chunk_idx = item % plan.num_chunks;
+    const Index kv_head_idx = (item / plan.num_chunks) % kv.num_heads;
+    const Index batch_idx = item / (plan.num_chunks * kv.num_heads);
+    const Index q_begin = chunk_idx * plan.chunk;
+    const Index q_end = std::min(q.shape.seq, q_begin + plan.chunk);
+    return Item{batch_idx, kv_head_idx, q_begin, q_end, plan.rep * (q_end - q_begin)};
+  };
+  // Query row `row` of item `it` gets acc / sum of its state (value sums scaled as given).
+  auto write_row = [&](const Item& it, Index row, const SoftmaxState<Acc>& state,
+                       Acc value_scale) {
+    const Index rows_per_head = it.q_end - it.q_begin;
+    const Index head = it.kv_head_idx * plan.rep + row / rows_per_head;
+    state.finish(q.out + q.row_offset(it.batch_idx, head, it.q_begin + row % rows_per_head),
+                 head_dim, value_scale);
+  };
+
+  auto run_units = [&](Index first, Index last) {
+    // The slot of this thread: pool threads 0 .. n-1 take slots 1 .. n, the caller slot 0.
+    const Index slot = plan.slots > 1 ? device->currentThreadId() + 1 : 0;
+    unsigned char* const mine = base + static_cast<std::size_t>(slot) * plan.slot_bytes;
+    auto* const states = reinterpret_cast<SoftmaxState<Acc>*>(mine);
+    std::uninitialized_default_construct_n(states, plan.max_rows);
+    UnitScratch<Acc> scratch{
+        states,
+        reinterpret_cast<Acc*>(mine + round_up_to_line(sizeof(SoftmaxState<Acc>) * plan.max_rows))};
+    for (Index unit = first; unit < last; ++unit) {
+      const Item it = item_at(unit / plan.splits);
+      const Index split = unit % plan.splits;
+      const KVView<T> part =
+          plan.splits == 1 ? kv
+                           : kv.clipped(split * plan.split_length, (split + 1) * plan.split_length);
+      ScoreParams<Acc> unit_score = score;
+      attend_unit(q, part, mask, unit_score, it.batch_idx, it.kv_head_idx, it.q_begin, it.q_end,
+                  scratch);
+      // Value sums beyond Acc's range (|v| near its maximum): once more with scaled weights.
+      if (!accumulators_finite(scratch.states, it.num_rows, head_dim)) {
+        unit_score.value_scale = overflow_value_scale<Acc>();
+        attend_unit(q, part, mask, unit_score, it.batch_idx, it.kv_head_idx, it.q_begin,
+                    it.q_end, scratch);
+      }
+      if (plan.splits == 1) {
+        for (Index row = 0; row < it.num_rows; ++row)
+          write_row(it, row, scratch.states[row], unit_score.value_scale);
+      } else {
+        Acc* const saved =
+            reinterpret_cast<Acc*>(partials + static_cast<std::size_t>(unit) * plan.partial_bytes);
+        for (Index row = 0; row < it.num_rows; ++row)
+          PartialState<Acc>::save(scratch.states[row], unit_score.value_scale, head_dim,
+                                  saved + row * PartialState<Acc>::elements(head_dim));
+      }
+    }
+  };
+
+  if (plan.slots == 1) {
+    run_units(0, plan.num_units());
+  } else {
+    // Cost per unit: the K/V bytes it reads and the flops it does, so Eigen splits finely.
+    const double length = static_cast<double>(plan.split_length);
+    const double bytes = 2.0 * length * static_cast<double>(head_dim * Index(sizeof(T)));
+    const double flops = 4.0 * static_cast<double>(plan.max_rows) * length * head_dim;
+    device->parallelFor(plan.num_units(), Eigen::TensorOpCost(bytes, 0, flops), run_units);
+  }
+  if (plan.splits == 1) return;
+
+  // Merge each item's splits in order (split 0 absorbs the others) and write its rows. Splits
+  // are brought to the smallest value scale among them (exact powers of two); if the merged
+  // sums overflow at scale 1, the merge runs again at overflow_value_scale().
+  SoftmaxState<Acc>* const states = reinterpret_cast<SoftmaxState<Acc>*>(base);
+  std::uninitialized_default_construct_n(states, plan.max_rows);
+  Acc* const merged = reinterpret_cast<Acc*>(
+      base + round_up_to_line(sizeof(SoftmaxState<Acc>) * plan.max_rows));  // (row, head_dim)
+  Acc* const rescaled = merged + plan.max_rows * head_dim;                  // (head_dim)
+  const Index part_stride = static_cast<Index>(plan.partial_bytes / sizeof(Acc));
+  for (Index item = 0; item < plan.num_items; ++item) {
+    const Item it = item_at(item);
+    for (Index row = 0; row < it.num_rows; ++row) {
+      // Split s of this row: parts + s * part_stride.
+      const Acc* const parts =
+          reinterpret_cast<const Acc*>(partials + static_cast<std::size_t>(item * plan.splits) *
+                                                      plan.partial_bytes) +
+          row * PartialState<Acc>::elements(head_dim);
+      Acc target_scale = Acc(1);
+      for (Index split = 0; split < plan.splits; ++split)
+        target_scale =
+            std::min(target_scale, PartialState<Acc>(parts + split * part_stride).value_scale());
+      SoftmaxState<Acc>& state = states[row];
+      state.acc = merged + row * head_dim;
+      PartialState<Acc>::merge(parts, part_stride, plan.splits, head_dim, target_scale, state, rescaled);
+      if (target_scale == Acc(1) && !accumulators_finite(&state, 1, head_dim)) {
+        target_scale = overflow_value_scale<Acc>();
+        PartialState<Acc>::merge(parts, part_stride, plan.splits, head_dim, target_scale, state,
+                                 rescaled);
+      }
+      write_row(it, row, state, target_scale);
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace kvcache
+
+#endif  // KVCACHE_DETAIL_KERNEL_SCHEDULE_HPP

@@ -1,0 +1,210 @@
+// kvcache: what one work unit of the attention kernel is given - the query rows, the score
+// parameters, where its scratch lives - and the sources a kernel reads K/V elements from. Shared
+// by the scalar reference twin (detail/kernel/reference.hpp), every compiled variant
+// (detail/kernel/variants.hpp) and the schedule (detail/kernel/schedule.hpp).
+#ifndef KVCACHE_DETAIL_KERNEL_UNIT_HPP
+#define KVCACHE_DETAIL_KERNEL_UNIT_HPP
+
+#include <kvcache/detail/kv_view.hpp>
+#include <kvcache/layout.hpp>
+#include <kvcache/mask.hpp>
+#include <kvcache/online_softmax.hpp>
+#include <kvcache/quantization.hpp>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace kvcache {
+namespace detail {
+
+/// The query tensor and the output tensor (same shape and strides).
+template <class T>
+struct QueryArgs {
+  const T* data;
+  T* out;
+  Shape shape;  ///< (batch, num_q_heads, q_len, head_dim)
+  Strides strides;
+  Index first_position;  ///< absolute position of query row 0
+
+  /// Offset of the query row (batch row, head, position i) in data and out.
+  Index row_offset(Index batch_idx, Index head, Index i) const {
+    return batch_idx * strides.batch + head * strides.head + i * strides.seq;
+  }
+};
+
+/// Scalar parameters of the score: s = scale * (q . k), then softcap * tanh(s / softcap).
+template <class Acc>
+struct ScoreParams {
+  Acc scale;
+  Acc softcap;  ///< 0: none
+  /// Value sums accumulate value_scale * w_j (1, or overflow_value_scale() on the second pass
+  /// of a unit whose sums overflowed); the softmax denominator does not.
+  Acc value_scale = Acc(1);
+};
+
+/// Keys per block: the scores of one block for one query row live in a small array, and a
+/// block of K and V (2 x 64 x head_dim elements) stays in L1/L2 while every query row of the
+/// GQA group reads it.
+inline constexpr Index kKeyBlock = 64;
+
+/// Query rows (GQA heads x positions) one work item handles at most.
+inline constexpr Index kRowsPerItem = 64;
+
+/// Rows at least this many take the prefill shape of a block (scores as a rows x keys tile
+/// over the block's keys transposed; compute-bound); fewer take the decode shape (one dot
+/// product per key and row, reading each key once in place; memory-bound).
+inline constexpr Index kTileRows = 16;
+
+/// Bytes of a cache line (x86-64 and most ARM cores): the unit of prefetching.
+inline constexpr Index kCacheLine = 64;
+
+/// Lanes of the fixed-order sum: enough independent partial sums for any vector width.
+inline constexpr int kLanes = 32;
+
+/// sum_c a[c] over c in [0, n), in an order fixed by n alone: lane l sums the a[i] with
+/// i % kLanes == l, the lanes are added pairwise in a fixed tree, the tail last. (A reduction
+/// that peels to alignment would make the last bits depend on where a buffer sits.)
+template <class Acc>
+Acc sum(const Acc* a, Index n) {
+  Acc lane[kLanes] = {};
+  Index c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] += a[c + l];
+  for (int width = kLanes / 2; width >= 1; width /= 2)
+    for (int l = 0; l < width; ++l) lane[l] += lane[l + width];
+  Acc tail = 0;
+  for (; c < n; ++c) tail += a[c];
+  return lane[0] + tail;
+}
+
+/// Where one work unit's scratch lives: num_rows softmax states and the Acc scratch.
+template <class Acc>
+struct UnitScratch {
+  SoftmaxState<Acc>* states;
+  Acc* elements;
+};
+
+/// Scratch elements a quantized segment's blocks need for num_rows rows (group G, D channels):
+/// key scales and zeros (2D), value scales and zeros group-major (2D), staging (2D), then per
+/// row the folded query (D), its zero term, the weights and scaled weights (2G), zero sums.
+inline Index quantized_scratch_elements(Index num_rows, Index head_dim, Index group) {
+  const Index groups = head_dim / group;
+  return 6 * head_dim + num_rows * (head_dim + 1 + 2 * group + groups);
+}
+
+/// Acc elements of scratch one work unit of num_rows rows needs: the score tile
+/// (rows x kKeyBlock), a block's keys transposed and widened (kKeyBlock x head_dim) and a row
+/// buffer (head_dim), the queries and the accumulators (rows x head_dim each), and the quantized blocks' scratch.
+inline Index unit_scratch_elements(Index num_rows, Index head_dim, const QuantSegment& quantized) {
+  Index n = num_rows * kKeyBlock + (kKeyBlock + 1) * head_dim + 2 * num_rows * head_dim;
+  if (quantized.num_blocks > 0)
+    n += quantized_scratch_elements(num_rows, head_dim, quantized.group_size);
+  return n;
+}
+
+/// A source of K/V elements: T elements stored as they are, element c of a row at row[c].
+template <class T>
+struct Stored {
+  using Element = T;  ///< what a row pointer points to; row strides count these
+  static constexpr int bits = 0;
+  template <class Acc>
+  static Acc scalar(const T* row, Index c) {
+    return static_cast<Acc>(row[c]);
+  }
+};
+
+/// A source of quantization codes of Bits bits (quantization.hpp: the byte format and the
+/// nibble order, unpack_code); row strides count bytes.
+template <int Bits>
+struct Codes {
+  static_assert(Bits == 8 || Bits == 4, "kvcache: codes are 8 or 4 bits");
+  using Element = std::uint8_t;
+  static constexpr int bits = Bits;
+  template <class Acc>
+  static Acc scalar(const std::uint8_t* row, Index c) {
+    return static_cast<Acc>(unpack_code<Bits>(row, c));
+  }
+};
+
+/// The rows of one work unit and where their state lives.
+template <class Acc>
+struct ItemRows {
+  Index num_rows;
+  Index head_dim;
+  const Acc* queries;         ///< (num_rows, head_dim) row-major, already times score.scale
+  Acc* accumulators;          ///< (num_rows, head_dim) row-major; states[r].acc points into it
+  SoftmaxState<Acc>* states;  ///< (num_rows)
+  Index first_position;       ///< position of query row 0 of every head
+  Index rows_per_head;        ///< row r is query position first_position + r % rows_per_head
+  Index batch_idx;
+  Index kv_head_idx;
+
+  /// The absolute position of row r's query.
+  Index row_position(Index r) const { return first_position + r % rows_per_head; }
+};
+
+/// What one work unit computes: the rows of (batch row, KV head, query positions
+/// [q_begin, q_end)) over the held positions of `kv` (all, or one split). Leaves the rows'
+/// softmax states in scratch.states. Every kernel variant has one of these.
+template <class T, class Acc>
+using UnitFunction = void (*)(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& mask,
+                              const ScoreParams<Acc>& score, Index batch_idx, Index kv_head_idx,
+                              Index q_begin, Index q_end, const UnitScratch<Acc>& scratch);
+
+/// Copies the unit's query rows (GQA group x positions) into scratch, times the score scale,
+/// and clears their softmax states; returns the rows.
+template <class T, class Acc>
+ItemRows<Acc> prepare_rows(const QueryArgs<T>& q, Index num_kv_heads, const ScoreParams<Acc>& score,
+                           Index batch_idx, Index kv_head_idx, Index q_begin, Index q_end,
+                           Acc* queries, Acc* accumulators, SoftmaxState<Acc>* states) {
+  const Index head_dim = q.shape.head_dim;
+  const Index rep = q.shape.heads / num_kv_heads;
+  const Index rows_per_head = q_end - q_begin;
+  const Index num_rows = rep * rows_per_head;
+  // Row r = (local head r / rows_per_head, query position q_begin + r % rows_per_head).
+  for (Index row = 0; row < num_rows; ++row) {
+    const T* src = q.data + q.row_offset(batch_idx, kv_head_idx * rep + row / rows_per_head,
+                                         q_begin + row % rows_per_head);
+    for (Index c = 0; c < head_dim; ++c)
+      queries[row * head_dim + c] = static_cast<Acc>(src[c]) * score.scale;
+    states[row].acc = accumulators + row * head_dim;
+    states[row].clear(head_dim);
+  }
+  return ItemRows<Acc>{num_rows,  head_dim,  queries,      accumulators, states,
+                       q.first_position + q_begin, rows_per_head, batch_idx, kv_head_idx};
+}
+
+/// Asks the cache hierarchy for the cache line holding `address` (a hint; never faults).
+inline void prefetch_line(const void* address) {
+#if defined(__GNUC__)
+  __builtin_prefetch(address);
+#else
+  (void)address;
+#endif
+}
+
+/// The blocks of a segment a unit visits: calls visit(keys, values, block_len, first_p,
+/// next_keys, next_len) for each block of kKeyBlock positions (the last may be shorter) that a
+/// row at positions [first_t, last_t] can see, in position order. next_keys/next_len: the
+/// following block of the same segment (next_len 0: none), for prefetching.
+template <class T, class Visit>
+void for_each_visible_block(const KVSegment<T>& seg, const MaskRules& mask, Index batch_idx,
+                            Index kv_head_idx, Index first_t, Index last_t, Visit&& visit) {
+  const Index head_offset = batch_idx * seg.strides.batch + kv_head_idx * seg.strides.head;
+  for (Index block_begin = 0; block_begin < seg.length; block_begin += kKeyBlock) {
+    const Index block_len = std::min(kKeyBlock, seg.length - block_begin);
+    const Index first_p = seg.first_position + block_begin;
+    if (mask.past_end(last_t, first_p)) break;  // positions only grow within a segment
+    if (mask.before_window(first_t, first_p, first_p + block_len - 1)) continue;
+    const T* keys = seg.keys + head_offset + block_begin * seg.strides.seq;
+    const T* values = seg.values + head_offset + block_begin * seg.strides.seq;
+    const Index next_len = std::clamp<Index>(seg.length - block_begin - kKeyBlock, 0, kKeyBlock);
+    visit(keys, values, block_len, first_p,
+          next_len > 0 ? keys + kKeyBlock * seg.strides.seq : nullptr, next_len);
+  }
+}
+
+}  // namespace detail
+}  // namespace kvcache
+
+#endif  // KVCACHE_DETAIL_KERNEL_UNIT_HPP

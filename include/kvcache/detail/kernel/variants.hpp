@@ -1,0 +1,107 @@
+// kvcache: the compiled variants of the kernel and the choice among them.
+//
+// The kernel's inner loops (block_math.inl, dense_block.inl, quantized_block.inl, unit.inl) are
+// written once over a vector type and included here once per instruction set, each time inside
+// its own namespace (isa_scalar, isa_avx2, isa_avx512) and, for the x86 ones, inside a region
+// whose functions are compiled for that target (`#pragma GCC target` / `#pragma clang attribute`)
+// whatever flags the build uses. So one baseline build (-O2, no -march) holds an AVX2 and an
+// AVX-512 kernel, and the CPU it runs on picks one (kernel_isa.hpp). The namespaces keep each
+// variant's functions apart: no inline function compiled for AVX-512 can be merged by the linker
+// with a baseline one of the same name. Code outside the regions (Eigen, the standard library,
+// detail/kernel/unit.hpp) stays baseline; the regions call it, never the other way round.
+// docs/kernel.md explains the choice (against Google Highway) and how to add a variant.
+#ifndef KVCACHE_DETAIL_KERNEL_VARIANTS_HPP
+#define KVCACHE_DETAIL_KERNEL_VARIANTS_HPP
+
+#include <kvcache/detail/kernel/unit.hpp>
+#include <kvcache/detail/kernel/vec_portable.hpp>
+#include <kvcache/kernel_isa.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#if defined(KVCACHE_X86)
+#include <immintrin.h>
+#endif
+
+namespace kvcache {
+namespace detail {
+
+namespace isa_scalar {
+using FloatVec = PortableVec<float, 4>;
+#include <kvcache/detail/kernel/block_math.inl>
+#include <kvcache/detail/kernel/dense_block.inl>
+#include <kvcache/detail/kernel/quantized_block.inl>
+#include <kvcache/detail/kernel/unit.inl>
+}  // namespace isa_scalar
+
+#if defined(KVCACHE_HAS_X86_VARIANTS)
+// MSVC needs no region: it accepts every intrinsic in any function.
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+namespace isa_avx2 {
+#include <kvcache/detail/kernel/vec_avx2.inl>
+#include <kvcache/detail/kernel/block_math.inl>
+#include <kvcache/detail/kernel/dense_block.inl>
+#include <kvcache/detail/kernel/quantized_block.inl>
+#include <kvcache/detail/kernel/unit.inl>
+}  // namespace isa_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute push(                                                              \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), \
+    apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+// g++ 12 reports its own AVX-512 intrinsics (their _mm512_undefined_* starting values) as
+// uninitialized once they are inlined here: a known false positive, not ours to see.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+namespace isa_avx512 {
+#include <kvcache/detail/kernel/vec_avx512.inl>
+#include <kvcache/detail/kernel/block_math.inl>
+#include <kvcache/detail/kernel/dense_block.inl>
+#include <kvcache/detail/kernel/quantized_block.inl>
+#include <kvcache/detail/kernel/unit.inl>
+}  // namespace isa_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+#endif  // KVCACHE_HAS_X86_VARIANTS
+
+/// The unit function of the variant `isa` (or the best compiled one below it: a compiler
+/// without target regions has only the portable variant).
+template <class T, class Acc>
+UnitFunction<T, Acc> unit_function(Isa isa) {
+#if defined(KVCACHE_HAS_X86_VARIANTS)
+  if (isa == Isa::kAvx512) return &isa_avx512::attend_unit<T, Acc>;
+  if (isa == Isa::kAvx2) return &isa_avx2::attend_unit<T, Acc>;
+#endif
+  (void)isa;
+  return &isa_scalar::attend_unit<T, Acc>;
+}
+
+}  // namespace detail
+}  // namespace kvcache
+
+#endif  // KVCACHE_DETAIL_KERNEL_VARIANTS_HPP

@@ -1,0 +1,80 @@
+// kvcache: the AVX2 + FMA + F16C float vector (8 lanes). Included by detail/kernel/variants.hpp
+// only, inside namespace kvcache::detail::isa_avx2 and a region compiled for
+// "avx2,fma,f16c": every function here is compiled for that target whatever the build's flags.
+// (No include guard: the region includes it once; no includes: variants.hpp brings them.)
+
+struct FloatVec {
+  using Scalar = float;
+  static constexpr Index width = 8;
+  __m256 v;
+
+  static FloatVec broadcast(float x) { return {_mm256_set1_ps(x)}; }
+  static FloatVec zero() { return {_mm256_setzero_ps()}; }
+  static FloatVec load(const float* from) { return {_mm256_loadu_ps(from)}; }
+  /// Eight halves widened by F16C's vcvtph2ps (exact).
+  static FloatVec load(const Eigen::half* from) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(from)))};
+  }
+  /// Eight bfloat16 widened exactly: a bfloat16 is the upper half of a float.
+  static FloatVec load(const Eigen::bfloat16* from) {
+    const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(from));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16))};
+  }
+  void store(float* to) const { _mm256_storeu_ps(to, v); }
+
+  /// Channels c .. c + 7 of a row of codes (PortableVec::load_codes for the nibble order).
+  template <int Bits>
+  static FloatVec load_codes(const std::uint8_t* row, Index c) {
+    if constexpr (Bits == 8) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c));
+      return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes))};
+    } else {
+      std::int32_t four;
+      std::memcpy(&four, row + c / 2, sizeof four);
+      const __m128i bytes = _mm_cvtsi32_si128(four);
+      const __m128i nibble = _mm_set1_epi8(0x0F);
+      const __m128i low = _mm_and_si128(bytes, nibble);
+      const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+      return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(low, high)))};
+    }
+  }
+
+  static FloatVec mul_add(FloatVec a, FloatVec b, FloatVec c) {
+    return {_mm256_fmadd_ps(a.v, b.v, c.v)};
+  }
+  static FloatVec add(FloatVec a, FloatVec b) { return {_mm256_add_ps(a.v, b.v)}; }
+  static FloatVec mul(FloatVec a, FloatVec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+
+  /// exp(x - shift), exactly 0 where x is -inf. Cody-Waite reduction x = n ln2 + r with
+  /// |r| <= ln2 / 2 and the Cephes degree-6 polynomial (about 1 ulp); exponents below -126 give
+  /// 0 (those weights are below float's normal range relative to the row's largest, 1).
+  static FloatVec exp_shifted(FloatVec x, float shift) {
+    const __m256 masked = _mm256_cmp_ps(x.v, _mm256_set1_ps(-std::numeric_limits<float>::infinity()),
+                                        _CMP_EQ_OQ);
+    __m256 a = _mm256_sub_ps(x.v, _mm256_set1_ps(shift));
+    a = _mm256_max_ps(a, _mm256_set1_ps(-87.0f));
+    a = _mm256_min_ps(a, _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), a);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 w = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    return {_mm256_blendv_ps(w, _mm256_setzero_ps(), masked)};
+  }
+
+  /// The lanes added in a fixed order: the two 128-bit halves, then pairs, then the last two.
+  float sum() const {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};

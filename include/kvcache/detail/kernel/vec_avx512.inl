@@ -1,0 +1,80 @@
+// kvcache: the AVX-512 float vector (16 lanes). Included by detail/kernel/variants.hpp only,
+// inside namespace kvcache::detail::isa_avx512 and a region compiled for
+// "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c".
+// (No include guard: the region includes it once; no includes: variants.hpp brings them.)
+
+// The zero-masked forms with every lane selected (kAll) compile to the same instructions as the
+// plain ones; g++ 12 reports the plain ones' _mm512_undefined_* starting values as
+// uninitialized once inlined (a false positive that #pragma GCC diagnostic cannot silence
+// through a precompiled header).
+struct FloatVec {
+  using Scalar = float;
+  static constexpr Index width = 16;
+  static constexpr __mmask16 kAll = 0xFFFF;
+  __m512 v;
+
+  static FloatVec broadcast(float x) { return {_mm512_set1_ps(x)}; }
+  static FloatVec zero() { return {_mm512_setzero_ps()}; }
+  static FloatVec load(const float* from) { return {_mm512_loadu_ps(from)}; }
+  static FloatVec load(const Eigen::half* from) {
+    return {_mm512_maskz_cvtph_ps(kAll, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from)))};
+  }
+  static FloatVec load(const Eigen::bfloat16* from) {
+    const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from));
+    return {_mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, _mm512_maskz_cvtepu16_epi32(kAll, halves), 16))};
+  }
+  void store(float* to) const { _mm512_storeu_ps(to, v); }
+
+  /// Channels c .. c + 15 of a row of codes (PortableVec::load_codes for the nibble order).
+  template <int Bits>
+  static FloatVec load_codes(const std::uint8_t* row, Index c) {
+    if constexpr (Bits == 8) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c));
+      return {_mm512_maskz_cvtepi32_ps(kAll, _mm512_maskz_cvtepu8_epi32(kAll, bytes))};
+    } else {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c / 2));
+      const __m128i nibble = _mm_set1_epi8(0x0F);
+      const __m128i low = _mm_and_si128(bytes, nibble);
+      const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+      return {_mm512_maskz_cvtepi32_ps(kAll, _mm512_maskz_cvtepu8_epi32(kAll, _mm_unpacklo_epi8(low, high)))};
+    }
+  }
+
+  static FloatVec mul_add(FloatVec a, FloatVec b, FloatVec c) {
+    return {_mm512_fmadd_ps(a.v, b.v, c.v)};
+  }
+  static FloatVec add(FloatVec a, FloatVec b) { return {_mm512_add_ps(a.v, b.v)}; }
+  static FloatVec mul(FloatVec a, FloatVec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+
+  /// exp(x - shift), exactly 0 where x is -inf: the reduction and polynomial of the AVX2
+  /// vector, with vscalefps applying 2^n (it gives 0 below the normal range itself).
+  static FloatVec exp_shifted(FloatVec x, float shift) {
+    const __mmask16 masked = _mm512_cmp_ps_mask(
+        x.v, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
+    __m512 a = _mm512_sub_ps(x.v, _mm512_set1_ps(shift));
+    a = _mm512_maskz_max_ps(kAll, a, _mm512_set1_ps(-87.0f));
+    a = _mm512_maskz_min_ps(kAll, a, _mm512_set1_ps(88.0f));
+    const __m512 n = _mm512_maskz_roundscale_ps(kAll, _mm512_mul_ps(a, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), a);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    return {_mm512_maskz_scalef_ps(static_cast<__mmask16>(~masked), y, n)};
+  }
+
+  /// The lanes added in a fixed order: each lane plus its partner 8, 4, 2, then 1 lanes away;
+  /// lane 0 then holds the total.
+  float sum() const {
+    __m512 s = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(kAll, v, v, 0x4E));  // 256-bit halves
+    s = _mm512_add_ps(s, _mm512_maskz_shuffle_f32x4(kAll, s, s, 0xB1));         // 128-bit quarters
+    s = _mm512_add_ps(s, _mm512_maskz_permute_ps(kAll, s, 0x4E));               // 64-bit pairs
+    s = _mm512_add_ps(s, _mm512_maskz_permute_ps(kAll, s, 0xB1));               // neighbours
+    return _mm512_cvtss_f32(s);
+  }
+};

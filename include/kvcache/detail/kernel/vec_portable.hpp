@@ -1,0 +1,102 @@
+// kvcache: the portable vector of the kernel - W lanes of Acc in plain C++, no intrinsics.
+//
+// The "scalar" variant's float vector and every variant's double vector. Under g++ and clang it
+// is a GCC vector extension type, which the compiler lowers to the target's registers (SSE2 on
+// x86-64, NEON on AArch64); elsewhere an array the optimiser may vectorise. Every operation is
+// lane by lane, and sum() adds the lanes in one fixed order, so a result never depends on where
+// the data sits in memory.
+#ifndef KVCACHE_DETAIL_KERNEL_VEC_PORTABLE_HPP
+#define KVCACHE_DETAIL_KERNEL_VEC_PORTABLE_HPP
+
+#include <kvcache/layout.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace kvcache {
+namespace detail {
+
+template <class Acc, int W>
+struct PortableVec {
+  static_assert(W >= 1 && (W & (W - 1)) == 0, "kvcache: PortableVec width must be a power of 2");
+  using Scalar = Acc;
+  static constexpr Index width = W;
+#if defined(__GNUC__)
+  typedef Acc Lanes __attribute__((vector_size(sizeof(Acc) * W)));
+#else
+  struct Lanes {
+    Acc lane[W];
+    Acc& operator[](int i) { return lane[i]; }
+    Acc operator[](int i) const { return lane[i]; }
+  };
+#endif
+  Lanes v;
+
+  static PortableVec broadcast(Acc x) {
+    PortableVec r;
+    for (int i = 0; i < W; ++i) r.v[i] = x;
+    return r;
+  }
+  static PortableVec zero() { return broadcast(Acc(0)); }
+
+  /// W elements of T from `from`, converted to Acc.
+  template <class T>
+  static PortableVec load(const T* from) {
+    PortableVec r;
+    for (int i = 0; i < W; ++i) r.v[i] = static_cast<Acc>(from[i]);
+    return r;
+  }
+  void store(Acc* to) const {
+    for (int i = 0; i < W; ++i) to[i] = v[i];
+  }
+
+  /// Channels c .. c + W - 1 of a row of Bits-bit codes (4 bits: channel 2j in the low nibble
+  /// of byte j, 2j + 1 in the high one; c even).
+  template <int Bits>
+  static PortableVec load_codes(const std::uint8_t* row, Index c) {
+    PortableVec r;
+    for (int i = 0; i < W; ++i) {
+      const Index channel = c + i;
+      r.v[i] = static_cast<Acc>(Bits == 8 ? row[channel]
+                                          : (row[channel / 2] >> (4 * (channel % 2))) & 0x0F);
+    }
+    return r;
+  }
+
+  static PortableVec mul_add(PortableVec a, PortableVec b, PortableVec c) {
+    PortableVec r;
+    for (int i = 0; i < W; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
+    return r;
+  }
+  static PortableVec add(PortableVec a, PortableVec b) {
+    PortableVec r;
+    for (int i = 0; i < W; ++i) r.v[i] = a.v[i] + b.v[i];
+    return r;
+  }
+  static PortableVec mul(PortableVec a, PortableVec b) {
+    PortableVec r;
+    for (int i = 0; i < W; ++i) r.v[i] = a.v[i] * b.v[i];
+    return r;
+  }
+  /// exp(x - shift) lane by lane, exactly 0 where x is -inf (a masked score).
+  static PortableVec exp_shifted(PortableVec x, Acc shift) {
+    PortableVec r;
+    for (int i = 0; i < W; ++i)
+      r.v[i] = x.v[i] == -std::numeric_limits<Acc>::infinity() ? Acc(0) : std::exp(x.v[i] - shift);
+    return r;
+  }
+  /// The lanes added pairwise in a fixed tree: (l0 + l_{W/2}) ... .
+  Acc sum() const {
+    Acc lane[W];
+    for (int i = 0; i < W; ++i) lane[i] = v[i];
+    for (int half = W / 2; half >= 1; half /= 2)
+      for (int i = 0; i < half; ++i) lane[i] += lane[i + half];
+    return lane[0];
+  }
+};
+
+}  // namespace detail
+}  // namespace kvcache
+
+#endif  // KVCACHE_DETAIL_KERNEL_VEC_PORTABLE_HPP
