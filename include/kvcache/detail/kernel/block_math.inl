@@ -19,67 +19,97 @@ struct VecFor<float> {
 template <class Acc>
 using VecOf = typename VecFor<Acc>::type;
 
+/// out[r * Keys + k] += the terms i in [from, head_dim) of rows[r] . keys[k]: the channels
+/// past the last whole vector, one by one (kept out of dot_tile so its accumulators stay in
+/// registers).
+template <int Rows, int Keys, class Source, class Acc>
+void dot_tail(const Acc* const* rows, const typename Source::Element* const* keys, Index from,
+              Index head_dim, Acc* out) {
+  for (int r = 0; r < Rows; ++r)
+    for (int k = 0; k < Keys; ++k) {
+      Acc tail = 0;
+      for (Index i = from; i < head_dim; ++i)
+        tail += rows[r][i] * Source::template scalar<Acc>(keys[k], i);
+      out[r * Keys + k] += tail;
+    }
+}
+
 /// One vector of elements c .. c + width - 1 of a row of the source (Stored<T> or Codes<Bits>),
 /// converted to Acc in registers.
 template <class Source, class V>
-V load_from(const typename Source::Element* row, Index c) {
+KVCACHE_ALWAYS_INLINE V load_from(const typename Source::Element* row, Index c) {
   if constexpr (Source::bits == 0)
     return V::load(row + c);
   else
     return V::template load_codes<Source::bits>(row, c);
 }
 
-/// Dot products of `Rows` query rows with one key row: out[r] = rows[r] . key. Each chunk of the
-/// key is loaded (and widened) once for all rows, so a GQA group reads every key once. Each row
-/// keeps two accumulators (even and odd chunks) to halve the FMA latency chain; a row's score
-/// gets the same operations alone or in a group.
-template <int Rows, class Source, class Acc>
-void dot_rows(const Acc* const* rows, const typename Source::Element* key, Index head_dim,
-              Acc* out) {
+/// A tile of dot products: out[r * Keys + k] = rows[r] . keys[k] for Rows query rows and Keys
+/// keys, Rows * Keys = V::tile_dots (4 x 4 or 1 x 16 with AVX-512). Each key chunk is loaded
+/// (and widened) once for every row, each query chunk once for every key; every dot product
+/// has its own accumulator (Rows * Keys independent FMA chains), and V::reduce adds the lanes
+/// of all of them at once by one fixed tree per dot product. So a score gets the same
+/// operations whatever tile it is computed in: a caller may fill unused places of a tile with
+/// copies of a used row or key. Inlined into its caller: the accumulators stay in registers.
+template <int Rows, int Keys, class Source, class Acc>
+KVCACHE_ALWAYS_INLINE void dot_tile(const Acc* const* rows,
+                                    const typename Source::Element* const* keys, Index head_dim,
+                                    Acc* out) {
   using V = VecOf<Acc>;
+  static_assert(Rows * Keys == V::tile_dots, "kvcache: a tile holds V::tile_dots dot products");
   constexpr Index kWidth = V::width;
-  V even[Rows], odd[Rows];
-  for (int r = 0; r < Rows; ++r) even[r] = odd[r] = V::zero();
+  V acc[Rows * Keys];
+  for (int i = 0; i < Rows * Keys; ++i) acc[i] = V::zero();
   Index c = 0;
-  // Invariant: even[r] + odd[r] hold the partial sums of rows[r][i] * key[i] over i < c, by
-  // i % kWidth; even[r] the chunks at even multiples of kWidth, odd[r] the others.
-  for (; c + 2 * kWidth <= head_dim; c += 2 * kWidth) {
-    const V key_even = load_from<Source, V>(key, c);
-    const V key_odd = load_from<Source, V>(key, c + kWidth);
+  // Invariant: lane l of acc[r * Keys + k] = sum of rows[r][i] * keys[k][i] over i < c with
+  // i % kWidth == l.
+  for (; c + kWidth <= head_dim; c += kWidth) {
+    V key[Keys];
+    for (int k = 0; k < Keys; ++k) key[k] = load_from<Source, V>(keys[k], c);
     for (int r = 0; r < Rows; ++r) {
-      even[r] = V::mul_add(V::load(rows[r] + c), key_even, even[r]);
-      odd[r] = V::mul_add(V::load(rows[r] + c + kWidth), key_odd, odd[r]);
+      const V query = V::load(rows[r] + c);
+      for (int k = 0; k < Keys; ++k) acc[r * Keys + k] = V::mul_add(query, key[k], acc[r * Keys + k]);
     }
   }
-  if (c + kWidth <= head_dim) {
-    const V key_even = load_from<Source, V>(key, c);
-    for (int r = 0; r < Rows; ++r) even[r] = V::mul_add(V::load(rows[r] + c), key_even, even[r]);
-    c += kWidth;
-  }
-  for (int r = 0; r < Rows; ++r) {
-    Acc tail = 0;
-    for (Index i = c; i < head_dim; ++i) tail += rows[r][i] * Source::template scalar<Acc>(key, i);
-    out[r] = V::add(even[r], odd[r]).sum() + tail;
-  }
+  V::reduce(acc, out);
+  if (c < head_dim) dot_tail<Rows, Keys, Source>(rows, keys, c, head_dim, out);
 }
 
-/// The dot products of num_rows rows (row r at rows + r * row_stride) with one key, written to
-/// out[r * out_stride]: four rows at a time, the rows left over one at a time.
-template <class Source, class Acc>
-void dot_all_rows(const Acc* rows, Index row_stride, Index num_rows,
-                  const typename Source::Element* key, Index head_dim, Acc* out, Index out_stride) {
-  Index row = 0;
-  for (; row + 4 <= num_rows; row += 4) {
-    const Acc* four[4] = {rows + row * row_stride, rows + (row + 1) * row_stride,
-                          rows + (row + 2) * row_stride, rows + (row + 3) * row_stride};
-    Acc scores[4];
-    dot_rows<4, Source>(four, key, head_dim, scores);
-    for (int r = 0; r < 4; ++r) out[(row + r) * out_stride] = scores[r];
-  }
-  for (; row < num_rows; ++row) {
-    const Acc* single[1] = {rows + row * row_stride};
-    dot_rows<1, Source>(single, key, head_dim, out + row * out_stride);
-  }
+/// Scores of n keys (key j at keys + j * key_stride) for num_rows query rows (row r at
+/// queries + r * head_dim): out[r * out_stride + j] = q_r . k_j. Tiles of 4 rows x
+/// (tile_dots / 4) keys, or 1 x tile_dots when there is one row; a partial tile repeats its
+/// last row or key. `before_key(j)` runs before the tile holding key j is computed (prefetch).
+template <class Source, class Acc, class BeforeKey>
+void score_block(const Acc* queries, Index num_rows, Index head_dim,
+                 const typename Source::Element* keys, Index key_stride, Index n, Acc* out,
+                 Index out_stride, BeforeKey&& before_key) {
+  using V = VecOf<Acc>;
+  using Element = typename Source::Element;
+  constexpr int kDots = V::tile_dots;
+  auto tiles = [&](auto rows_tag) {
+    constexpr int kRows = decltype(rows_tag)::value, kKeys = kDots / kRows;
+    for (Index j = 0; j < n; j += kKeys) {
+      const Element* key[kKeys];
+      for (int k = 0; k < kKeys; ++k) {
+        const Index at = std::min(j + k, n - 1);
+        key[k] = keys + at * key_stride;
+        if (j + k < n) before_key(j + k);
+      }
+      for (Index row = 0; row < num_rows; row += kRows) {
+        const Acc* query[kRows];
+        for (int r = 0; r < kRows; ++r) query[r] = queries + std::min(row + r, num_rows - 1) * head_dim;
+        Acc dots[kDots];
+        dot_tile<kRows, kKeys, Source>(query, key, head_dim, dots);
+        for (int r = 0; r < kRows && row + r < num_rows; ++r)
+          for (int k = 0; k < kKeys && j + k < n; ++k)
+            out[(row + r) * out_stride + j + k] = dots[r * kKeys + k];
+      }
+    }
+  };
+  if (num_rows == 1)
+    tiles(std::integral_constant<int, 1>{});
+  else
+    tiles(std::integral_constant<int, 4>{});
 }
 
 /// The softmax weights of a row of scores relative to `max`: s[j] = exp(s[j] - max), exactly 0
@@ -114,7 +144,7 @@ void axpy_rows(Acc* const* acc, const Acc* weight, const T* value, Index head_di
 /// once per block. Element (r, c) receives exactly the operations of n calls of axpy_rows, in
 /// the same order.
 template <int Rows, class Source, class Acc>
-void accumulate_rows(Acc* const* acc, const Acc* weights, Index weight_stride,
+KVCACHE_ALWAYS_INLINE void accumulate_rows(Acc* const* acc, const Acc* weights, Index weight_stride,
                      const typename Source::Element* values, Index value_stride, Index n,
                      Index head_dim) {
   using V = VecOf<Acc>;

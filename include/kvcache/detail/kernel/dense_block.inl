@@ -50,21 +50,24 @@ void apply_softcap(Acc* tile, Index num_rows, Index n, Acc softcap) {
 template <class T>
 void prefetch_row(const T* row, Index head_dim) {
   const char* bytes = reinterpret_cast<const char*>(row);
-  for (Index b = 0; b < head_dim * Index(sizeof(T)); b += kCacheLine) prefetch_line(bytes + b);
+  for (Index b = 0; b < head_dim * Index(sizeof(T)); b += kCacheLine) FloatVec::prefetch(bytes + b);
 }
 
-/// Scores of a block for fewer than kTileRows rows (decode), in place: each key row is read
-/// once, for every row of the unit (dot_all_rows). While key j is in use, value j of this block
-/// and key j of the next one are fetched: the memory streams stay busy during the arithmetic.
+/// Scores of a block for fewer than kTileRows rows (decode), in place (score_block): each key
+/// row is read once, for every row of the unit. Before a key's tile, its value row and the
+/// same key of the next block are fetched: the memory streams stay busy during the arithmetic.
 template <class T, class Acc>
 void decode_scores(const ItemRows<Acc>& rows, const T* keys, const T* values, Index seq_stride,
                    Index n, const T* next_keys, Index next_len, Acc* tile) {
-  for (Index j = 0; j < n; ++j) {
-    prefetch_row(values + j * seq_stride, rows.head_dim);
-    if (j < next_len) prefetch_row(next_keys + j * seq_stride, rows.head_dim);
-    dot_all_rows<Stored<T>>(rows.queries, rows.head_dim, rows.num_rows, keys + j * seq_stride,
-                            rows.head_dim, tile + j, kKeyBlock);
-  }
+  score_block<Stored<T>>(rows.queries, rows.num_rows, rows.head_dim, keys, seq_stride, n, tile,
+                         kKeyBlock, [&](Index j) {
+                           prefetch_row(values + j * seq_stride, rows.head_dim);
+                           constexpr Index kAhead = 16;
+                           if (j + kAhead < n)
+                             prefetch_row(keys + (j + kAhead) * seq_stride, rows.head_dim);
+                           else if (j + kAhead - n < next_len)
+                             prefetch_row(next_keys + (j + kAhead - n) * seq_stride, rows.head_dim);
+                         });
 }
 
 /// Whether every element of n value rows is finite (a masked key's weight is 0, and 0 * inf is

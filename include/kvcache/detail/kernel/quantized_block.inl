@@ -79,18 +79,19 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
         V::mul(V::load(q + c), V::load(key_scales + c)).store(f + c);
       for (; c < head_dim; ++c) f[c] = q[c] * key_scales[c];
     }
-    dot_all_rows<Stored<Acc>>(rows.queries, head_dim, num_rows, key_zeros, head_dim, zero_terms, 1);
+    score_block<Stored<Acc>>(rows.queries, num_rows, head_dim, key_zeros, 0, 1, zero_terms, 1,
+                             [](Index) {});
     // Scores: each key code row is read once for every row. Meanwhile the next block is
     // fetched, a share per key: its parts are not read in address order, and it spans pages,
     // which stops the hardware prefetcher.
     const bool has_next = block_idx + 1 < seg.num_blocks;
-    for (Index j = 0; j < group; ++j) {
-      if (has_next)
-        for (Index line = j * lines_per_key; line < std::min(lines, (j + 1) * lines_per_key); ++line)
-          prefetch_line(block + seg.bytes_per_block + line * kCacheLine);
-      dot_all_rows<Source>(folded, head_dim, num_rows, key_codes + j * row_bytes, head_dim,
-                           weights + j, group);
-    }
+    score_block<Source>(folded, num_rows, head_dim, key_codes, row_bytes, group, weights, group,
+                        [&](Index j) {
+                          if (!has_next) return;
+                          for (Index line = j * lines_per_key;
+                               line < std::min(lines, (j + 1) * lines_per_key); ++line)
+                            FloatVec::prefetch(block + seg.bytes_per_block + line * kCacheLine);
+                        });
     // Online softmax update per row; weights become exp(s - max), 0 where masked.
     for (Index row = 0; row < num_rows; ++row) {
       Acc* w = weights + row * group;
@@ -104,8 +105,8 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
     // Values, one group of channels at a time: acc[c] += sum_j (w_j * vscale[j][g]) * code[j][c]
     // + sum_j w_j * vzero[j][g].
     for (Index g = 0; g < groups; ++g)
-      dot_all_rows<Stored<Acc>>(weights, group, num_rows, value_zeros + g * group, group,
-                                zero_sums + g, groups);
+      score_block<Stored<Acc>>(weights, num_rows, group, value_zeros + g * group, 0, 1,
+                               zero_sums + g, groups, [](Index) {});
     for (Index g = 0; g < groups; ++g) {
       const Acc* scales = value_scales + g * group;
       for (Index row = 0; row < num_rows; ++row) {

@@ -14,6 +14,17 @@
 #include <algorithm>
 #include <cstdint>
 
+/// Forces a small hot function (a vector loop of the kernel) into its caller, so its
+/// accumulators stay in registers across the caller's loop. An attribute: no template or
+/// constexpr can say it.
+#if defined(__GNUC__) || defined(__clang__)
+#define KVCACHE_ALWAYS_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define KVCACHE_ALWAYS_INLINE __forceinline
+#else
+#define KVCACHE_ALWAYS_INLINE inline
+#endif
+
 namespace kvcache {
 namespace detail {
 
@@ -172,15 +183,6 @@ ItemRows<Acc> prepare_rows(const QueryArgs<T>& q, Index num_kv_heads, const Scor
   }
   return ItemRows<Acc>{num_rows,  head_dim,  queries,      accumulators, states,
                        q.first_position + q_begin, rows_per_head, batch_idx, kv_head_idx};
-}
-
-/// Asks the cache hierarchy for the cache line holding `address` (a hint; never faults).
-inline void prefetch_line(const void* address) {
-#if defined(__GNUC__)
-  __builtin_prefetch(address);
-#else
-  (void)address;
-#endif
 }
 
 /// The blocks of a segment a unit visits: calls visit(keys, values, block_len, first_p,

@@ -20,6 +20,16 @@ struct FloatVec {
     const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(from));
     return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16))};
   }
+  /// Asks for the cache line holding `address` (a hint; never faults). Inline assembly: once
+  /// Eigen's headers are in, g++ 12 emits nothing for __builtin_prefetch or _mm_prefetch
+  /// inside a target region.
+  static void prefetch(const void* address) {
+#if defined(__GNUC__) || defined(__clang__)
+    __asm__ volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(address)));
+#else
+    _mm_prefetch(static_cast<const char*>(address), _MM_HINT_T0);
+#endif
+  }
   void store(float* to) const { _mm256_storeu_ps(to, v); }
 
   /// Channels c .. c + 7 of a row of codes (PortableVec::load_codes for the nibble order).
@@ -70,11 +80,17 @@ struct FloatVec {
     return {_mm256_blendv_ps(w, _mm256_setzero_ps(), masked)};
   }
 
-  /// The lanes added in a fixed order: the two 128-bit halves, then pairs, then the last two.
-  float sum() const {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+  /// Dot products a reduction handles at once: a tile of 4 query rows x 2 keys, or 1 x 8.
+  static constexpr int tile_dots = 8;
+
+  /// out[i] = the sum of acc[i]'s 8 lanes, for 8 vectors, by one fixed tree for every i:
+  /// neighbours and pairs (two rounds of horizontal adds), then the 128-bit halves.
+  static void reduce(const FloatVec (&acc)[8], float* out) {
+    const __m256 h01 = _mm256_hadd_ps(acc[0].v, acc[1].v), h23 = _mm256_hadd_ps(acc[2].v, acc[3].v);
+    const __m256 h45 = _mm256_hadd_ps(acc[4].v, acc[5].v), h67 = _mm256_hadd_ps(acc[6].v, acc[7].v);
+    const __m256 low = _mm256_hadd_ps(h01, h23), high = _mm256_hadd_ps(h45, h67);
+    // low: [0..3 of vectors 0-3 | 4..7 of vectors 0-3]; high likewise for vectors 4-7.
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20),
+                                        _mm256_permute2f128_ps(low, high, 0x31)));
   }
 };

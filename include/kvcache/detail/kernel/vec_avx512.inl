@@ -23,6 +23,16 @@ struct FloatVec {
     const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from));
     return {_mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, _mm512_maskz_cvtepu16_epi32(kAll, halves), 16))};
   }
+  /// Asks for the cache line holding `address` (a hint; never faults). Inline assembly: once
+  /// Eigen's headers are in, g++ 12 emits nothing for __builtin_prefetch or _mm_prefetch
+  /// inside a target region.
+  static void prefetch(const void* address) {
+#if defined(__GNUC__) || defined(__clang__)
+    __asm__ volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(address)));
+#else
+    _mm_prefetch(static_cast<const char*>(address), _MM_HINT_T0);
+#endif
+  }
   void store(float* to) const { _mm512_storeu_ps(to, v); }
 
   /// Channels c .. c + 15 of a row of codes (PortableVec::load_codes for the nibble order).
@@ -68,13 +78,29 @@ struct FloatVec {
     return {_mm512_maskz_scalef_ps(static_cast<__mmask16>(~masked), y, n)};
   }
 
-  /// The lanes added in a fixed order: each lane plus its partner 8, 4, 2, then 1 lanes away;
-  /// lane 0 then holds the total.
-  float sum() const {
-    __m512 s = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(kAll, v, v, 0x4E));  // 256-bit halves
-    s = _mm512_add_ps(s, _mm512_maskz_shuffle_f32x4(kAll, s, s, 0xB1));         // 128-bit quarters
-    s = _mm512_add_ps(s, _mm512_maskz_permute_ps(kAll, s, 0x4E));               // 64-bit pairs
-    s = _mm512_add_ps(s, _mm512_maskz_permute_ps(kAll, s, 0xB1));               // neighbours
-    return _mm512_cvtss_f32(s);
+  /// Dot products a reduction handles at once: a tile of 4 query rows x 4 keys, or 1 x 16.
+  static constexpr int tile_dots = 16;
+
+  /// out[i] = the sum of acc[i]'s 16 lanes, for 16 vectors, by one fixed tree for every i (a
+  /// transposing reduction: halves, quarters, pairs, neighbours), so a dot product's last bits
+  /// do not depend on the other 15.
+  static void reduce(const FloatVec (&acc)[16], float* out) {
+    __m512 half[8], quarter[4];
+    for (int i = 0; i < 8; ++i)  // [a.q0 + a.q2, a.q1 + a.q3, b.q0 + b.q2, b.q1 + b.q3]
+      half[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(kAll, acc[2 * i].v, acc[2 * i + 1].v, 0x44),
+                              _mm512_maskz_shuffle_f32x4(kAll, acc[2 * i].v, acc[2 * i + 1].v, 0xEE));
+    for (int i = 0; i < 4; ++i)  // quarter k: four partial sums of vector 4i + k
+      quarter[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(kAll, half[2 * i], half[2 * i + 1], 0x88),
+                                 _mm512_maskz_shuffle_f32x4(kAll, half[2 * i], half[2 * i + 1], 0xDD));
+    // Within each 128-bit quarter k: pairs, then neighbours; lane 4k + m ends as vector 4m + k.
+    const __m512 pairs01 = _mm512_add_ps(_mm512_maskz_shuffle_ps(kAll, quarter[0], quarter[1], 0x44),
+                                         _mm512_maskz_shuffle_ps(kAll, quarter[0], quarter[1], 0xEE));
+    const __m512 pairs23 = _mm512_add_ps(_mm512_maskz_shuffle_ps(kAll, quarter[2], quarter[3], 0x44),
+                                         _mm512_maskz_shuffle_ps(kAll, quarter[2], quarter[3], 0xEE));
+    const __m512 sums = _mm512_add_ps(_mm512_maskz_shuffle_ps(kAll, pairs01, pairs23, 0x88),
+                                      _mm512_maskz_shuffle_ps(kAll, pairs01, pairs23, 0xDD));
+    // Lane 4k + m holds vector 4m + k: gather lane i's source 4 (i % 4) + i / 4.
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_storeu_ps(out, _mm512_maskz_permutexvar_ps(kAll, order, sums));
   }
 };

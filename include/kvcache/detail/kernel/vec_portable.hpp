@@ -47,6 +47,14 @@ struct PortableVec {
     for (int i = 0; i < W; ++i) r.v[i] = static_cast<Acc>(from[i]);
     return r;
   }
+  /// Asks for the cache line holding `address` (a hint; never faults).
+  static void prefetch(const void* address) {
+#if defined(__GNUC__)
+    __builtin_prefetch(address);
+#else
+    (void)address;
+#endif
+  }
   void store(Acc* to) const {
     for (int i = 0; i < W; ++i) to[i] = v[i];
   }
@@ -86,6 +94,15 @@ struct PortableVec {
       r.v[i] = x.v[i] == -std::numeric_limits<Acc>::infinity() ? Acc(0) : std::exp(x.v[i] - shift);
     return r;
   }
+  /// Dot products a reduction handles at once (a tile of 4 rows x 1 key, or 1 x 4).
+  static constexpr int tile_dots = 4;
+
+  /// out[i] = acc[i].sum() (the interface of the intrinsic vectors).
+  static void reduce(const PortableVec (&acc)[4], Acc* out) {
+    for (int i = 0; i < 4; ++i) out[i] = acc[i].sum();
+  }
+
+
   /// The lanes added pairwise in a fixed tree: (l0 + l_{W/2}) ... .
   Acc sum() const {
     Acc lane[W];
