@@ -12,7 +12,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace kvcache {
 namespace detail {
@@ -40,11 +42,23 @@ struct PortableVec {
   }
   static PortableVec zero() { return broadcast(Acc(0)); }
 
-  /// W elements of T from `from`, converted to Acc.
+  /// W elements of T from `from`, converted to Acc (a bfloat16 by a 16-bit shift: it is the
+  /// upper half of a float; Eigen's conversion goes through a slower general path).
   template <class T>
   static PortableVec load(const T* from) {
     PortableVec r;
-    for (int i = 0; i < W; ++i) r.v[i] = static_cast<Acc>(from[i]);
+    if constexpr (std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<Acc, float>) {
+      for (int i = 0; i < W; ++i) {
+        std::uint16_t upper;
+        std::memcpy(&upper, from + i, sizeof upper);
+        const std::uint32_t bits = std::uint32_t(upper) << 16;
+        float widened;
+        std::memcpy(&widened, &bits, sizeof widened);
+        r.v[i] = widened;
+      }
+    } else {
+      for (int i = 0; i < W; ++i) r.v[i] = static_cast<Acc>(from[i]);
+    }
     return r;
   }
   /// Asks for the cache line holding `address` (a hint; never faults).
