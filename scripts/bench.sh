@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Configures (the `bench` preset: Release, -O3 -march=native on the benchmarks), builds and runs
+# Configures (the `bench` preset: Release, no -march: the kernel variant is chosen at run time
+# and named in every header; KVCACHE_ISA=scalar|avx2|avx512 caps it), builds and runs
 # kvcache's Google Benchmark suites, writes their JSON into build/bench/results/ and turns the
 # decode results into a PNG and markdown tables (scripts/plot_bench.py).
 #
