@@ -752,6 +752,9 @@ TEST_CASE("persistence: headers inconsistent with themselves or the payload are 
                    "capacity: expected at least 1, got 0"));
   REQUIRE(contains(load_error<S>(with_field(bytes, 1, std::uint64_t{1} << 63)),
                    "num_heads: expected at most 2^63 - 1, got 9223372036854775808"));
+  REQUIRE(contains(load_error<S>(with_field(bytes, 3, (std::uint64_t{1} << 48) + 1)),
+                   "capacity: expected at most max_position = 2^48 = 281474976710656, got "
+                   "281474976710657"));
   // A position the payload does not match: shorter than declared is truncated, a longer payload
   // leaves bytes where the checksum should be.
   REQUIRE(contains(load_error<S>(with_field(bytes, 4, 3)), "truncated"));
@@ -786,7 +789,21 @@ TEST_CASE("persistence: headers inconsistent with themselves or the payload are 
     REQUIRE(contains(load_error<W>(with_field(with_field(w, 5, 0), 3, 2)),
                      "window: expected at least 1, got 0"));
     REQUIRE(contains(load_error<W>(with_field(w, 6, (std::uint64_t{1} << 63) - 1)),
-                     "num_sink_tokens + window: 9223372036854775807 + 3 exceeds 2^63 - 1"));
+                     "num_sink_tokens: expected at most max_position = 2^48 = 281474976710656, "
+                     "got 9223372036854775807"));
+    // The fuzz finding of issue 15 (fuzz/corpus/fuzz_load/regression-position-2p63): a
+    // position no cache reaches was accepted, and the next one-token update threw.
+    REQUIRE(contains(load_error<W>(with_field(w, 4, (std::uint64_t{1} << 63) - 1)),
+                     "position: expected at most max_position = 2^48"));
+    // A ring offset consistent with a position at max_position loads, and the next token is
+    // refused (length_error), as for a cache that reached it by updates.
+    const Index top = kvcache::max_position;
+    const std::string full = with_field(with_field(w, 4, static_cast<std::uint64_t>(top)), 8,
+                                        static_cast<std::uint64_t>((top - 2) % 3));
+    W at_top = loaded<W>(full);
+    REQUIRE(at_top.position() == top);
+    REQUIRE_THROWS_AS(append(at_top, 1, 1, 5), std::length_error);
+    REQUIRE(at_top.position() == top);
   }
   SECTION("quantized") {
     Int8KVCache<float> q(1, 10, 1, 4, quant_config(2, 1));

@@ -19,6 +19,12 @@ class FormatError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+/// \brief The largest position() any cache reaches: 2^48 (2.8e14 tokens, far beyond any
+/// context). An update that would go past it throws std::length_error; load() rejects a record
+/// whose positions, sizes or capacities exceed it (FormatError). The bound keeps every position
+/// arithmetic of the caches and the kernel (t - window, position + chunk) far from overflow.
+inline constexpr Index max_position = Index(1) << 48;
+
 namespace detail {
 
 /// "[1, 8, 16, 64] (BHSD)": a tensor's dimensions as given, with the layout that names them.
@@ -91,14 +97,19 @@ inline Index checked_element_count(const char* where, std::initializer_list<Inde
   return count;
 }
 
-/// An append of new_len >= 0 positions after `position` (plus `reach` >= 0 more positions the
-/// append needs beyond them, e.g. a window) must leave every position an Index: a longer one
-/// throws std::length_error rather than overflowing into a negative or wrapped count.
+/// An append of new_len >= 0 positions after `position` (<= max_position) must end at or
+/// before max_position, and (plus `reach` >= 0 more positions the append needs beyond them,
+/// e.g. a window) leave every position an Index: a longer one throws std::length_error rather
+/// than overflowing into a negative or wrapped count.
 inline void require_representable_append(const char* where, Index position, Index new_len,
                                          Index reach = 0) {
+  if (new_len > max_position - position)
+    throw_length_error(where, ": appending ", new_len, " positions at position ", position,
+                       " exceeds max_position = 2^48 = ", max_position);
   if (new_len > std::numeric_limits<Index>::max() - position - reach)
     throw_length_error(where, ": appending ", new_len, " positions at position ", position,
-                       " exceeds the largest position, ", std::numeric_limits<Index>::max());
+                       " with a reach of ", reach, " exceeds the largest Index, ",
+                       std::numeric_limits<Index>::max());
 }
 
 }  // namespace detail

@@ -258,7 +258,7 @@ inline void write_record_header(Writer& writer, const RecordHeader& header) {
 /// Reads a record header and checks, in this order: the magic, the version, the header size
 /// against [kMinHeaderBytes, kMaxHeaderBytes], the header CRC, the record type against
 /// `expected`, the header size against the kind's, every field <= 2^63 - 1, and for caches
-/// batch_size, num_heads and head_dim >= 1. Each failure throws FormatError naming the
+/// batch_size, num_heads and head_dim >= 1 and every field <= max_position (2^48). Each failure throws FormatError naming the
 /// expected and the received value. Nothing is allocated beyond kMaxHeaderBytes.
 inline RecordHeader read_record_header(Reader& reader, const RecordType& expected) {
   std::vector<std::uint8_t> bytes(kHeaderFieldsOffset);
@@ -306,11 +306,19 @@ inline RecordHeader read_record_header(Reader& reader, const RecordType& expecte
       reader.fail(field.name, ": expected at most 2^63 - 1, got ", value);
     header.*field.member = static_cast<Index>(value);
   }
-  if (header.type.kind != static_cast<std::uint8_t>(CacheKind::model_cache))
+  if (header.type.kind != static_cast<std::uint8_t>(CacheKind::model_cache)) {
     for (const auto& [name, value] : {std::pair<const char*, Index>{"batch_size", header.batch_size},
                                       {"num_heads", header.num_heads},
                                       {"head_dim", header.head_dim}})
       if (value < 1) reader.fail(name, ": expected at least 1, got ", value);
+    // No cache reaches a position, size, capacity or extent beyond max_position (an update
+    // past it throws; storage that large exceeds any memory): a record beyond it describes a
+    // state the library never produces.
+    for (const HeaderField& field : header_fields(header.type.kind))
+      if (header.*field.member > max_position)
+        reader.fail(field.name, ": expected at most max_position = 2^48 = ", max_position,
+                    ", got ", header.*field.member);
+  }
   return header;
 }
 
