@@ -640,3 +640,36 @@ TEMPLATE_TEST_CASE("a thread pool gives the serial result bit for bit", "[quanti
     REQUIRE(equal(kvcache::attend(q, cache, threaded), kvcache::attend(q, cache, serial)));
   }
 }
+
+// ------------------------------------------------------------------------------------------
+// (9) double inputs beyond the bfloat16 range of zero points and scales
+// ------------------------------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("QuantizedKVCache<double> refuses finite inputs beyond 3.3895e38, unchanged",
+                   "[quantized_cache][double]", (QCase<double, 8, BHSD>), (QCase<double, 4, BSHD>)) {
+  using L = typename TestType::layout;
+  using Cache = QuantizedKVCache<double, TestType::bits, L>;
+  const Index d = 8;
+  Cache cache(2, 40, 2, d, config(4, 2));
+  cache.update(random_tensor<double, L>(2, 2, 9, d, 1), random_tensor<double, L>(2, 2, 9, d, 2));
+  const Snapshot<Cache> before(cache);
+  for (const bool in_keys : {true, false})
+    for (const double bad : {1e300, -3.4e38, 1.7976931348623157e308}) {
+      CAPTURE(in_keys, bad);
+      Tensor4<double> k = random_tensor<double, L>(2, 2, 5, d, 3);
+      Tensor4<double> v = random_tensor<double, L>(2, 2, 5, d, 4);
+      (in_keys ? k : v).data()[37] = bad;
+      const std::string message = message_of([&] { cache.update(k, v); });
+      REQUIRE(contains(message, "exceeds the magnitude its bfloat16 zero point and scale"));
+      REQUIRE(contains(message, in_keys ? ": k at (batch" : ": v at (batch"));
+      REQUIRE_THROWS_AS(cache.update(k, v), std::invalid_argument);
+      REQUIRE(Snapshot<Cache>(cache) == before);
+    }
+  // Up to the bound every magnitude is stored, within the group's error bound.
+  Tensor4<double> k = random_tensor<double, L>(2, 2, 5, d, 3);
+  for (Index i = 0; i < k.size(); ++i) k.data()[i] *= 3.0e38;
+  cache.update(k, random_tensor<double, L>(2, 2, 5, d, 4));
+  REQUIRE(cache.size() == 14);
+  const Tensor4<double> keys = cache.keys();
+  for (Index i = 0; i < keys.size(); ++i) REQUIRE(std::isfinite(keys.data()[i]));
+}

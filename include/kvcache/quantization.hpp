@@ -87,9 +87,10 @@ namespace detail {
 // Saturation. Inputs are first clamped to the finite bfloat16 range
 // [-kBfloat16Max, kBfloat16Max], kBfloat16Max = 0x1.FEp127 ~= 3.3895e38, because zero and scale
 // must be finite bfloat16 numbers. Only float inputs of magnitude above 3.3895e38 (the top 0.4%
-// of float's range) and double inputs beyond it are affected: they dequantize to +-3.3895e38
-// (up to their group's scale / 2), and the rest of their group's elements keep the scale / 2 bound
-// against that wider range.
+// of float's range) are affected: they dequantize to +-3.3895e38 (up to their group's scale /
+// 2), and the rest of their group's elements keep the scale / 2 bound against that wider range.
+// QuantizedKVCache<double>::update refuses finite inputs beyond it (std::invalid_argument), as
+// they would lose most of their magnitude; these routines, given one, clamp it the same way.
 // +-infinity saturates the same way. Half and bfloat16 inputs never saturate. A NaN input gives
 // unspecified (possibly NaN) values for its group, never undefined behaviour.
 //

@@ -4,6 +4,7 @@
 #define KVCACHE_QUANTIZED_CACHE_HPP
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -14,6 +15,7 @@
 #include <new>
 #include <ostream>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 namespace kvcache {
@@ -139,6 +141,10 @@ class QuantizedKVCache {
       detail::throw_length_error("QuantizedKVCache::update: appending ", in.seq,
                                  " positions at position ", position_, " exceeds the capacity of ",
                                  max_seq_len_, " (max_seq_len)");
+    if constexpr (std::is_same_v<T, double>) {
+      require_within_scale_range("k", k_view, in);
+      require_within_scale_range("v", v_view, in);
+    }
     // The only allocations; nothing is modified before they succeed.
     std::vector<T> key_rows(static_cast<std::size_t>(config_.group_size * head_dim_));
     const std::vector<T> zero_row(static_cast<std::size_t>(head_dim_), T(0));
@@ -399,6 +405,27 @@ class QuantizedKVCache {
   }
 
  private:
+  /// Zero points and scales are bfloat16: a finite double beyond kBfloat16Max (3.3895e38) could
+  /// not be stored without a large error, so update() refuses it (std::invalid_argument, naming
+  /// the element and the bound) before it changes anything. Non-finite inputs are not checked
+  /// here (they saturate; see quantization.hpp).
+  void require_within_scale_range(const char* name, const detail::ConstView4<T>& input,
+                                  const Shape& in) const {
+    const Strides strides = Layout::strides(in);
+    for (Index b = 0; b < in.batch; ++b)
+      for (Index h = 0; h < in.heads; ++h)
+        for (Index i = 0; i < in.seq; ++i) {
+          const T* row = input.data + b * strides.batch + h * strides.head + i * strides.seq;
+          for (Index c = 0; c < in.head_dim; ++c)
+            if (std::isfinite(row[c]) && std::abs(row[c]) > static_cast<T>(detail::kBfloat16Max))
+              detail::throw_invalid_argument(
+                  "QuantizedKVCache<double>::update: ", name, " at (batch ", b, ", head ", h,
+                  ", new position ", i, ", channel ", c, ") = ", row[c], " exceeds the magnitude its bfloat16 zero point and scale can "
+                  "represent: expected |x| <= ", detail::kBfloat16Max,
+                  " (keep such values in a StaticKVCache<double> or DynamicKVCache<double>)");
+        }
+  }
+
   /// A block's bfloat16 zero points and scales (native byte order in memory) as little-endian
   /// in a saved record, and back; the codes are bytes and need no conversion. Both are the
   /// identity on little-endian hosts.
