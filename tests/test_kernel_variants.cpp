@@ -150,3 +150,56 @@ TEST_CASE("kernel_isa() names the variant the KVCACHE_ISA cap selects", "[kernel
   REQUIRE(kvcache::detail::isa_cap("scalar") == Isa::kScalar);
   REQUIRE(kvcache::detail::isa_cap("avx2") == Isa::kAvx2);
 }
+
+namespace {
+
+/// Query heads kv * rep + r of q for every KV head kv: one head per KV head (rep 1).
+template <class T, class L>
+Tensor4<T> heads_of(const Tensor4<T>& q, Index rep, Index r) {
+  const kvcache::Shape s = L::shape({q.dimension(0), q.dimension(1), q.dimension(2), q.dimension(3)});
+  const Index kv_heads = s.heads / rep;
+  Tensor4<T> out(L::dims({s.batch, kv_heads, s.seq, s.head_dim}));
+  for (Index b = 0; b < s.batch; ++b)
+    for (Index kv = 0; kv < kv_heads; ++kv)
+      for (Index i = 0; i < s.seq; ++i)
+        for (Index c = 0; c < s.head_dim; ++c)
+          at<L>(out, b, kv, i, c) = at<L>(q, b, kv * rep + r, i, c);
+  return out;
+}
+
+template <class T, class L, class Cache>
+void require_group_independent(const Cache& cache, Index rep, Index q_len, unsigned seed) {
+  const Tensor4<T> q = random_tensor<T, L>(1, cache.num_heads() * rep, q_len, cache.head_dim(), seed);
+  const Tensor4<T> grouped = kvcache::attend(q, cache);
+  for (Index r = 0; r < rep; ++r) {
+    CAPTURE(r);
+    const Tensor4<T> alone = kvcache::attend(heads_of<T, L>(q, rep, r), cache);
+    REQUIRE(equal(heads_of<T, L>(grouped, rep, r), alone));
+  }
+}
+
+}  // namespace
+
+// Scores come from tiles of 4 rows x 4 keys (AVX-512), 4 x 2 (AVX2) or 1 x 16 / 1 x 8 for a
+// lone row, partial tiles padded with copies, and one reduction tree per dot product: a query
+// head's output must be the same bits alone (one head per KV head) as inside its GQA group,
+// whatever the variant. (Decode-sized rows: 16 rows or more take the prefill tile instead.)
+TEMPLATE_TEST_CASE("a query head's output does not depend on its GQA group", "[kernel]", BHSD, BSHD) {
+  using L = TestType;
+  const Index rep = GENERATE(2, 3, 4);
+  const Index q_len = GENERATE(1, 3);
+  CAPTURE(rep, q_len);
+  const Index kv_len = 133, head_dim = 24;  // a block tail, and channels past whole vectors
+  kvcache::StaticKVCache<float, L> fp32(1, kv_len, 2, head_dim);
+  fp32.update(random_tensor<float, L>(1, 2, kv_len, head_dim, 60),
+              random_tensor<float, L>(1, 2, kv_len, head_dim, 61));
+  require_group_independent<float, L>(fp32, rep, q_len, 62);
+  kvcache::StaticKVCache<Eigen::bfloat16, L> bf16(1, kv_len, 2, head_dim);
+  bf16.update(random_tensor<Eigen::bfloat16, L>(1, 2, kv_len, head_dim, 63),
+              random_tensor<Eigen::bfloat16, L>(1, 2, kv_len, head_dim, 64));
+  require_group_independent<Eigen::bfloat16, L>(bf16, rep, q_len, 65);
+  kvcache::Int8KVCache<float, L> int8(1, kv_len, 2, head_dim, {8, 4});
+  int8.update(random_tensor<float, L>(1, 2, kv_len, head_dim, 66),
+              random_tensor<float, L>(1, 2, kv_len, head_dim, 67));
+  require_group_independent<float, L>(int8, rep, q_len, 68);
+}
