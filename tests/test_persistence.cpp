@@ -325,6 +325,13 @@ TEST_CASE("crc32c: standard check values and incremental updates", "[persistence
   const auto crc = [](const std::string& s) { return crc_of(s); };
   REQUIRE(crc("123456789") == 0xE3069283u);  // the CRC catalogue's check value
   REQUIRE(crc("") == 0u);
+  // CRC-32 (IEEE 802.3, zlib), the outer checksum of mixed models: its catalogue check value,
+  // split anywhere.
+  const std::string nine = "123456789";
+  const auto* bytes = reinterpret_cast<const std::uint8_t*>(nine.data());
+  REQUIRE(kvcache::detail::crc32_ieee_update(0, bytes, 9) == 0xCBF43926u);
+  REQUIRE(kvcache::detail::crc32_ieee_update(kvcache::detail::crc32_ieee_update(0, bytes, 4),
+                                             bytes + 4, 5) == 0xCBF43926u);
   // RFC 3720 (iSCSI), appendix B.4
   REQUIRE(crc(std::string(32, '\0')) == 0x8A9136AAu);
   REQUIRE(crc(std::string(32, '\xFF')) == 0x62A8AB43u);
@@ -611,6 +618,92 @@ TEST_CASE("ModelKVCache: save/load of every layer", "[persistence][model]") {
     limits.max_memory_bytes = original.memory_bytes();
     std::istringstream in(bytes);
     REQUIRE(ModelKVCache<StaticKVCache<float>>::load(in, limits).num_layers() == 2);
+  }
+}
+
+TEST_CASE("ModelKVCache of mixed layers: save/load, one checksum over the whole",
+          "[persistence][model][mixed]") {
+  using Layer = std::variant<StaticKVCache<float>, SlidingWindowKVCache<float>, Int8KVCache<float>>;
+  using Model = ModelKVCache<Layer>;
+  Model original(4, [](Index layer) -> Layer {
+    if (layer % 2 == 1) return SlidingWindowKVCache<float>(1, 3, 1, 2, 1);
+    if (layer == 2) return Int8KVCache<float>(1, 12, 1, 2, quant_config(2, 1));
+    return StaticKVCache<float>(1, 12, 1, 2);
+  });
+  for (Index layer = 0; layer < 4; ++layer)
+    std::visit([&](auto& cache) { append(cache, 1, 7, static_cast<unsigned>(10 + layer)); },
+               original[layer]);
+  const std::string bytes = saved(original);
+  Model copy = loaded<Model>(bytes);
+  REQUIRE(copy.num_layers() == 4);
+  for (Index layer = 0; layer < 4; ++layer) {
+    REQUIRE(copy[layer].index() == original[layer].index());
+    std::visit(
+        [&](const auto& cache) {
+          using C = std::decay_t<decltype(cache)>;
+          require_same_state(cache, std::get<C>(copy[layer]));
+        },
+        original[layer]);
+  }
+  REQUIRE(saved(copy) == bytes);
+  // The copy continues identically.
+  for (Index layer = 0; layer < 4; ++layer)
+    std::visit(
+        [&](auto& cache) {
+          using C = std::decay_t<decltype(cache)>;
+          append(cache, 1, 2, 30);
+          append(std::get<C>(copy[layer]), 1, 2, 30);
+          require_same_state(cache, std::get<C>(copy[layer]));
+        },
+        original[layer]);
+  require_every_damage_rejected<Model>(saved(original));
+
+  SECTION("a layer type the model cannot hold names the layer") {
+    using Other = ModelKVCache<std::variant<StaticKVCache<float>, DynamicKVCache<float>>>;
+    const std::string what = load_error<Other>(bytes);
+    REQUIRE(contains(what, "layer 1 of 4: expected one of the layer kinds of this model, got a "
+                           "SlidingWindowKVCache<float, BHSD>"));
+    // A single-kind model's record is another kind of record.
+    REQUIRE(contains(load_error<ModelKVCache<StaticKVCache<float>>>(bytes),
+                     "got a ModelKVCache<std::variant<...>>"));
+  }
+  SECTION("a damaged layer resealed with its own checksums fails the whole-model checksum") {
+    // Layer 3's record starts after the header (33 bytes), the type table (20) and layers
+    // 0-2; flip a payload byte of the last layer and recompute that record's CRCs.
+    std::string damaged = bytes;
+    const std::size_t whole_crc = damaged.size() - 4;
+    const Model as_saved = loaded<Model>(bytes);  // `original` has grown since
+    const std::string last = saved(std::get<SlidingWindowKVCache<float>>(as_saved[3]));
+    REQUIRE(damaged.compare(whole_crc - last.size(), last.size(), last) == 0);
+    std::string edited = last;
+    edited[edited.size() - 10] ^= 1;  // a payload byte
+    damaged.replace(whole_crc - last.size(), last.size(), resealed(edited));
+    REQUIRE(contains(load_error<Model>(damaged), "checksum mismatch over the whole model"));
+    // Two layers of the same kind and size swapped: each record is intact, the order is not.
+    const std::string layer0 = saved(std::get<StaticKVCache<float>>(as_saved[0]));
+    const std::string layer1 = saved(std::get<SlidingWindowKVCache<float>>(as_saved[1]));
+    const std::string layer3 = last;
+    std::string swapped = bytes;
+    const std::size_t at1 = 33 + 20 + layer0.size(), at3 = whole_crc - layer3.size();
+    REQUIRE(layer1.size() == layer3.size());
+    swapped.replace(at1, layer1.size(), layer3);
+    swapped.replace(at3, layer3.size(), layer1);
+    REQUIRE(swapped != bytes);
+    REQUIRE(contains(load_error<Model>(swapped), "checksum mismatch over the whole model"));
+  }
+  SECTION("records follow each other; the memory bound covers every layer") {
+    std::stringstream io(std::ios::in | std::ios::out | std::ios::binary);
+    original.save(io);
+    original.save(io);
+    REQUIRE(Model::load(io).num_layers() == 4);
+    REQUIRE(Model::load(io).num_layers() == 4);
+    REQUIRE(io.peek() == std::char_traits<char>::eof());
+    LoadLimits limits;
+    limits.max_memory_bytes = original.memory_bytes() - 1;
+    REQUIRE(contains(load_error<Model>(saved(original), limits), "layer 3 of 4"));
+    limits.max_memory_bytes = original.memory_bytes();
+    std::istringstream in(saved(original));
+    REQUIRE(Model::load(in, limits).num_layers() == 4);
   }
 }
 

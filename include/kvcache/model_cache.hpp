@@ -44,6 +44,43 @@ struct is_persistent_cache<C, std::void_t<decltype(record_kind<C>::value),
                                           decltype(C::load(std::declval<std::istream&>()))>>
     : std::true_type {};
 
+/// True for a std::variant whose every alternative has save() and load().
+template <class C>
+struct is_persistent_variant : std::false_type {};
+template <class... Alternatives>
+struct is_persistent_variant<std::variant<Alternatives...>>
+    : std::bool_constant<(is_persistent_cache<Alternatives>::value && ...)> {};
+
+/// The index of the first alternative of Variant whose record type is `type`, or
+/// std::variant_npos.
+template <class Variant, std::size_t I = 0>
+std::size_t alternative_of(const RecordType& type) {
+  if constexpr (I < std::variant_size_v<Variant>) {
+    if (record_type_of<std::variant_alternative_t<I, Variant>>() == type) return I;
+    return alternative_of<Variant, I + 1>(type);
+  } else {
+    (void)type;
+    return std::variant_npos;
+  }
+}
+
+/// Alternative `index` of Variant, loaded from `in` by its own load().
+template <class Variant, std::size_t I = 0>
+Variant load_alternative(std::size_t index, std::istream& in, const LoadLimits& limits) {
+  if constexpr (I + 1 < std::variant_size_v<Variant>) {
+    if (index != I) return load_alternative<Variant, I + 1>(index, in, limits);
+  }
+  return Variant(std::in_place_index<I>, std::variant_alternative_t<I, Variant>::load(in, limits));
+}
+
+/// The record type of the cache a layer holds (the active alternative of a variant).
+template <class Layer>
+RecordType layer_record_type(const Layer& layer) {
+  return visit_layer(layer, [](const auto& cache) {
+    return record_type_of<std::decay_t<decltype(cache)>>();
+  });
+}
+
 }  // namespace detail
 
 /// \brief One cache per transformer layer: layer l's keys and values live in (*this)[l].
@@ -151,7 +188,8 @@ class ModelKVCache {
 
   /// \brief Writes every layer to `out` (docs/persistence_format.md): a header naming the
   /// layers' type and num_layers(), with its own CRC-32C, then each layer's save() record.
-  /// Offered when Cache is one kind that has save() (not PrefixKVCache, not a std::variant).
+  /// Offered when Cache is one kind that has save() (not PrefixKVCache); a std::variant of such
+  /// kinds has the save() below.
   /// Throws std::ios_base::failure when the stream fails (the stream may then hold a partial
   /// record).
   template <class C = Cache, std::enable_if_t<detail::is_persistent_cache<C>::value, int> = 0>
@@ -199,6 +237,93 @@ class ModelKVCache {
     return ModelKVCache(std::move(layers), FromLayers{});
   }
 
+  /// \brief Writes a model of mixed layers (docs/persistence_format.md, kind 7): a header with
+  /// num_layers, the record type of every layer in order, each layer's save() record, then one
+  /// CRC-32 (IEEE) over all of it (each record also keeps its CRC-32C: the outer checksum
+  /// catches a layer resealed with its own checksums, or two layers swapped). Offered when Cache is a
+  /// std::variant of kinds that have save(). Throws std::ios_base::failure when the stream fails.
+  template <class C = Cache, std::enable_if_t<detail::is_persistent_variant<C>::value, int> = 0>
+  void save(std::ostream& out) const {
+    const std::string where = detail::persistence_owner<ModelKVCache>("save");
+    detail::Writer trailer(out, where);  // checks the stream now; writes the checksum last
+    detail::ChecksummingOutputBuffer checksummed(out.rdbuf());
+    std::ostream body(&checksummed);
+    detail::Writer writer(body, where);
+    detail::RecordHeader header;
+    header.type = detail::record_type_of<ModelKVCache>();
+    header.num_layers = num_layers();
+    detail::write_record_header(writer, header);
+    for (const Cache& layer : layers_) {
+      const detail::RecordType t = detail::layer_record_type(layer);
+      const std::uint8_t type_bytes[] = {t.kind, t.element, t.layout, t.bits, t.layer_kind};
+      writer.write_bytes(type_bytes, sizeof type_bytes, "layer types");
+    }
+    writer.finish();
+    for (const Cache& layer : layers_)
+      detail::visit_layer(layer, [&](const auto& cache) { cache.save(body); });
+    trailer.write_unsigned(checksummed.checksum(), "checksum");
+    trailer.finish();
+  }
+
+  /// \brief Reads a model of mixed layers written by save(): each layer as the alternative its
+  /// record type names. Throws kvcache::FormatError (naming the layer, the expected and the
+  /// received value) for a layer type that is not an alternative of Cache, any layer's own
+  /// error, or a mismatch of the checksum over the whole model; the stream is left right after
+  /// the record.
+  template <class C = Cache, std::enable_if_t<detail::is_persistent_variant<C>::value, int> = 0>
+  static ModelKVCache load(std::istream& in) {
+    return load(in, LoadLimits{});
+  }
+  /// \brief load() with a bound on the memory all the loaded layers together may own.
+  template <class C = Cache, std::enable_if_t<detail::is_persistent_variant<C>::value, int> = 0>
+  static ModelKVCache load(std::istream& in, const LoadLimits& limits) {
+    const std::string where = detail::persistence_owner<ModelKVCache>("load");
+    detail::Reader trailer(in, where);  // checks the stream now; reads the checksum last
+    detail::ChecksummingInputBuffer checksummed(in.rdbuf());
+    std::istream body(&checksummed);
+    detail::Reader reader(body, where);
+    const detail::RecordHeader header =
+        detail::read_record_header(reader, detail::record_type_of<ModelKVCache>());
+    if (header.num_layers < 1)
+      reader.fail("num_layers: expected at least 1, got ", header.num_layers);
+    // Grows as the bytes arrive: a huge num_layers fails as truncated, having allocated about
+    // what the stream held.
+    const std::vector<std::uint8_t> types = reader.read_byte_array(
+        static_cast<std::uint64_t>(header.num_layers) * 5, "layer types");
+    std::vector<std::size_t> alternatives;
+    for (Index layer = 0; layer < header.num_layers; ++layer) {
+      const std::uint8_t* t = types.data() + 5 * layer;
+      const detail::RecordType type{t[0], t[1], t[2], t[3], t[4]};
+      alternatives.push_back(detail::alternative_of<Cache>(type));
+      if (alternatives.back() == std::variant_npos)
+        reader.fail("layer ", layer, " of ", header.num_layers, ": expected one of the layer "
+                    "kinds of this model, got a ", detail::describe(type));
+    }
+    std::vector<Cache> layers;
+    layers.reserve(alternatives.size());
+    std::uint64_t used = 0;  // memory of the layers read so far, <= limits.max_memory_bytes
+    for (std::size_t layer = 0; layer < alternatives.size(); ++layer) {
+      LoadLimits remaining;
+      remaining.max_memory_bytes = limits.max_memory_bytes - used;
+      try {
+        layers.push_back(detail::load_alternative<Cache>(alternatives[layer], body, remaining));
+      } catch (const FormatError& e) {
+        reader.fail("layer ", layer, " of ", header.num_layers, ": ",
+                    detail::without_library_prefix(e.what()));
+      }
+      used += std::min<std::uint64_t>(
+          detail::visit_layer(layers.back(), [](const auto& cache) { return cache.memory_bytes(); }),
+          remaining.max_memory_bytes);
+    }
+    const std::uint32_t computed = checksummed.checksum();
+    const auto stored = trailer.read_unsigned<std::uint32_t>("checksum");
+    if (stored != computed)
+      trailer.fail("checksum mismatch over the whole model: the record stores ",
+                   detail::hex32(stored), ", its layer types and layers give ",
+                   detail::hex32(computed), " (the data are corrupt)");
+    return ModelKVCache(std::move(layers), FromLayers{});
+  }
+
   /// \brief The layers, in order.
   auto begin() { return layers_.begin(); }
   auto end() { return layers_.end(); }
@@ -224,6 +349,9 @@ namespace detail {
 template <class Cache>
 struct record_kind<ModelKVCache<Cache>>
     : std::integral_constant<CacheKind, CacheKind::model_cache> {};
+template <class... Caches>
+struct record_kind<ModelKVCache<std::variant<Caches...>>>
+    : std::integral_constant<CacheKind, CacheKind::mixed_model_cache> {};
 }  // namespace detail
 
 /// \brief attend() over a layer that holds one of several cache kinds (a std::variant, as in a

@@ -53,7 +53,14 @@ enum class CacheKind : std::uint8_t {
   quantized_cache = 4,
   frozen_cache = 5,
   model_cache = 6,
+  mixed_model_cache = 7,  ///< a ModelKVCache of std::variant layers: a table of layer types
 };
+
+/// Whether a record kind is a model (a header of num_layers, then layer records).
+constexpr bool is_model_kind(std::uint8_t kind) {
+  return kind == static_cast<std::uint8_t>(CacheKind::model_cache) ||
+         kind == static_cast<std::uint8_t>(CacheKind::mixed_model_cache);
+}
 
 /// Byte 17: the element type.
 enum class ElementCode : std::uint8_t { float32 = 1, float64 = 2, float16 = 3, bfloat16 = 4 };
@@ -103,7 +110,11 @@ struct record_kind {};
 /// layer_kind the layers' kind.
 template <class Cache>
 constexpr RecordType record_type_of() {
-  if constexpr (record_kind<Cache>::value == CacheKind::model_cache) {
+  if constexpr (record_kind<Cache>::value == CacheKind::mixed_model_cache) {
+    RecordType type;  // the layers' types follow the header, one per layer
+    type.kind = static_cast<std::uint8_t>(CacheKind::mixed_model_cache);
+    return type;
+  } else if constexpr (record_kind<Cache>::value == CacheKind::model_cache) {
     RecordType type = record_type_of<typename Cache::cache_type>();
     type.layer_kind = type.kind;
     type.kind = static_cast<std::uint8_t>(CacheKind::model_cache);
@@ -127,6 +138,7 @@ inline const char* kind_name(std::uint8_t kind) {
     case CacheKind::quantized_cache: return "QuantizedKVCache";
     case CacheKind::frozen_cache: return "FrozenKVCache";
     case CacheKind::model_cache: return "ModelKVCache";
+    case CacheKind::mixed_model_cache: return "ModelKVCache of mixed layers";
   }
   return nullptr;
 }
@@ -155,6 +167,8 @@ inline std::string describe(const RecordType& type) {
   const auto named = [](const char* name, const char* what, std::uint8_t code) {
     return name != nullptr ? std::string(name) : message("unknown ", what, " ", int{code});
   };
+  if (type == RecordType{static_cast<std::uint8_t>(CacheKind::mixed_model_cache), 0, 0, 0, 0})
+    return "ModelKVCache<std::variant<...>>";
   if (type.kind == static_cast<std::uint8_t>(CacheKind::model_cache)) {
     RecordType layer = type;
     layer.kind = type.layer_kind;
@@ -202,8 +216,7 @@ struct HeaderField {
 
 /// The uint64 fields of a record of this kind, in file order.
 inline std::vector<HeaderField> header_fields(std::uint8_t kind) {
-  if (kind == static_cast<std::uint8_t>(CacheKind::model_cache))
-    return {{"num_layers", &RecordHeader::num_layers}};
+  if (is_model_kind(kind)) return {{"num_layers", &RecordHeader::num_layers}};
   std::vector<HeaderField> fields = {{"batch_size", &RecordHeader::batch_size},
                                      {"num_heads", &RecordHeader::num_heads},
                                      {"head_dim", &RecordHeader::head_dim},
@@ -306,7 +319,7 @@ inline RecordHeader read_record_header(Reader& reader, const RecordType& expecte
       reader.fail(field.name, ": expected at most 2^63 - 1, got ", value);
     header.*field.member = static_cast<Index>(value);
   }
-  if (header.type.kind != static_cast<std::uint8_t>(CacheKind::model_cache)) {
+  if (!is_model_kind(header.type.kind)) {
     for (const auto& [name, value] : {std::pair<const char*, Index>{"batch_size", header.batch_size},
                                       {"num_heads", header.num_heads},
                                       {"head_dim", header.head_dim}})

@@ -1,5 +1,6 @@
-// kvcache: CRC-32C (Castagnoli), the checksum of saved caches. Table-driven (slicing by 8),
-// tables computed at compile time; no dependency beyond the standard library.
+// kvcache: CRC-32C (Castagnoli), the checksum of saved caches, and CRC-32 (IEEE 802.3, zlib's),
+// the outer checksum of a model of mixed layers. Table-driven (slicing by 8), tables computed at
+// compile time; no dependency beyond the standard library.
 #ifndef KVCACHE_DETAIL_CRC32C_HPP
 #define KVCACHE_DETAIL_CRC32C_HPP
 
@@ -15,17 +16,24 @@ namespace detail {
 /// it detects every burst of up to 32 flipped bits and every odd number of flipped bits.
 inline constexpr std::uint32_t kCrc32cPolynomialReflected = 0x82F63B78u;
 
+/// The CRC-32 polynomial 0x04C11DB7 of IEEE 802.3 and zlib, bit-reflected. A model of mixed
+/// layers checksums its layer records with it: a CRC over records that end in their own CRC of
+/// the same polynomial does not depend on their contents (CRC(m, CRC(m)) is a constant), so
+/// the outer one must use another.
+inline constexpr std::uint32_t kCrc32IeeePolynomialReflected = 0xEDB88320u;
+
 /// table[0] is the classic byte-at-a-time table: the CRC register after shifting byte i
 /// through it. table[k][i] = the register after byte i followed by k zero bytes, which lets
 /// the loop below fold eight input bytes per step ("slicing by 8", Intel 2006).
 using Crc32cTables = std::array<std::array<std::uint32_t, 256>, 8>;
 
-constexpr Crc32cTables make_crc32c_tables() {
+template <std::uint32_t PolynomialReflected>
+constexpr Crc32cTables make_crc32_tables() {
   Crc32cTables tables{};
   for (std::uint32_t byte = 0; byte < 256; ++byte) {
     std::uint32_t crc = byte;
     for (int bit = 0; bit < 8; ++bit)
-      crc = (crc & 1u) != 0 ? (crc >> 1) ^ kCrc32cPolynomialReflected : crc >> 1;
+      crc = (crc & 1u) != 0 ? (crc >> 1) ^ PolynomialReflected : crc >> 1;
     tables[0][byte] = crc;
   }
   for (std::size_t k = 1; k < 8; ++k)
@@ -36,14 +44,14 @@ constexpr Crc32cTables make_crc32c_tables() {
   return tables;
 }
 
-inline constexpr Crc32cTables kCrc32cTables = make_crc32c_tables();
+template <std::uint32_t PolynomialReflected>
+inline constexpr Crc32cTables kCrc32Tables = make_crc32_tables<PolynomialReflected>();
 
-/// \brief Continues a CRC-32C over `size` more bytes: `crc` is the checksum of the bytes so far
-/// (0 for none), the result the checksum of those bytes followed by these. So
-/// crc32c_update(crc32c_update(0, a), b) == crc32c(a followed by b).
-inline std::uint32_t crc32c_update(std::uint32_t crc, const std::uint8_t* data,
-                                   std::size_t size) {
-  const Crc32cTables& t = kCrc32cTables;
+/// Continues a CRC-32 of the given (reflected) polynomial over `size` more bytes; see
+/// crc32c_update.
+template <std::uint32_t PolynomialReflected>
+std::uint32_t crc32_update(std::uint32_t crc, const std::uint8_t* data, std::size_t size) {
+  const Crc32cTables& t = kCrc32Tables<PolynomialReflected>;
   crc = ~crc;  // the register starts at all ones and is inverted at the end (the standard)
   while (size >= 8) {
     // The register is little-endian: its low byte meets the first input byte.
@@ -56,6 +64,20 @@ inline std::uint32_t crc32c_update(std::uint32_t crc, const std::uint8_t* data,
   }
   for (; size > 0; --size, ++data) crc = (crc >> 8) ^ t[0][(crc ^ *data) & 0xFFu];
   return ~crc;
+}
+
+/// \brief Continues a CRC-32C over `size` more bytes: `crc` is the checksum of the bytes so far
+/// (0 for none), the result the checksum of those bytes followed by these. So
+/// crc32c_update(crc32c_update(0, a), b) == crc32c(a followed by b).
+inline std::uint32_t crc32c_update(std::uint32_t crc, const std::uint8_t* data,
+                                   std::size_t size) {
+  return crc32_update<kCrc32cPolynomialReflected>(crc, data, size);
+}
+
+/// Continues a CRC-32 (IEEE 802.3) the same way; crc32_ieee of "123456789" is 0xCBF43926.
+inline std::uint32_t crc32_ieee_update(std::uint32_t crc, const std::uint8_t* data,
+                                       std::size_t size) {
+  return crc32_update<kCrc32IeeePolynomialReflected>(crc, data, size);
 }
 
 /// \brief The CRC-32C of `size` bytes; crc32c of the ASCII "123456789" is 0xE3069283.

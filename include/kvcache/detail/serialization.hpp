@@ -14,6 +14,7 @@
 #include <ios>
 #include <istream>
 #include <ostream>
+#include <streambuf>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -297,6 +298,69 @@ class Reader {
   std::istream& in_;
   std::string where_;
   std::uint64_t offset_ = 0;
+  std::uint32_t crc_ = 0;
+};
+
+/// A stream buffer that passes every byte written to `target` and keeps their CRC-32 (IEEE,
+/// not the records' CRC-32C: see kCrc32IeeePolynomialReflected): a record made of other
+/// records (a model of mixed layers) checksums them all, while each keeps its own.
+class ChecksummingOutputBuffer : public std::streambuf {
+ public:
+  explicit ChecksummingOutputBuffer(std::streambuf* target) : target_(target) {}
+  /// The CRC-32 (IEEE) of every byte the target accepted.
+  std::uint32_t checksum() const { return crc_; }
+
+ protected:
+  int_type overflow(int_type ch) override {
+    if (traits_type::eq_int_type(ch, traits_type::eof())) return traits_type::not_eof(ch);
+    const char c = traits_type::to_char_type(ch);
+    if (traits_type::eq_int_type(target_->sputc(c), traits_type::eof())) return traits_type::eof();
+    crc_ = crc32_ieee_update(crc_, reinterpret_cast<const std::uint8_t*>(&c), 1);
+    return ch;
+  }
+  std::streamsize xsputn(const char* s, std::streamsize n) override {
+    const std::streamsize written = target_->sputn(s, n);
+    if (written > 0)
+      crc_ = crc32_ieee_update(crc_, reinterpret_cast<const std::uint8_t*>(s),
+                               static_cast<std::size_t>(written));
+    return written;
+  }
+  int sync() override { return target_->pubsync(); }
+
+ private:
+  std::streambuf* target_;
+  std::uint32_t crc_ = 0;
+};
+
+/// A stream buffer that reads from `source` exactly the bytes asked for (it holds no buffer of
+/// its own, so `source` is left right after the last byte consumed) and keeps their CRC-32
+/// (IEEE).
+class ChecksummingInputBuffer : public std::streambuf {
+ public:
+  explicit ChecksummingInputBuffer(std::streambuf* source) : source_(source) {}
+  /// The CRC-32 (IEEE) of every byte consumed.
+  std::uint32_t checksum() const { return crc_; }
+
+ protected:
+  int_type underflow() override { return source_->sgetc(); }  // a peek: nothing consumed
+  int_type uflow() override {
+    const int_type ch = source_->sbumpc();
+    if (!traits_type::eq_int_type(ch, traits_type::eof())) {
+      const char c = traits_type::to_char_type(ch);
+      crc_ = crc32_ieee_update(crc_, reinterpret_cast<const std::uint8_t*>(&c), 1);
+    }
+    return ch;
+  }
+  std::streamsize xsgetn(char* s, std::streamsize n) override {
+    const std::streamsize got = source_->sgetn(s, n);
+    if (got > 0)
+      crc_ = crc32_ieee_update(crc_, reinterpret_cast<const std::uint8_t*>(s),
+                               static_cast<std::size_t>(got));
+    return got;
+  }
+
+ private:
+  std::streambuf* source_;
   std::uint32_t crc_ = 0;
 };
 

@@ -138,46 +138,54 @@ void axpy_rows(Acc* const* acc, const Acc* weight, const T* value, Index head_di
     for (int r = 0; r < Rows; ++r) acc[r][c] += weight[r] * static_cast<Acc>(value[c]);
 }
 
-/// acc[r][c] += sum_j weight[r][j] * values[j][c] for `Rows` accumulator rows over `n` value
-/// rows (weights of row r at weights + r * weight_stride): the accumulators of a strip of
-/// columns stay in registers while every value row streams past, so each is loaded and stored
-/// once per block. Element (r, c) receives exactly the operations of n calls of axpy_rows, in
-/// the same order.
-template <int Rows, class Source, class Acc>
-KVCACHE_ALWAYS_INLINE void accumulate_rows(Acc* const* acc, const Acc* weights, Index weight_stride,
-                     const typename Source::Element* values, Index value_stride, Index n,
-                     Index head_dim) {
+/// Columns [c, c + Strip * width) of accumulate_rows: Rows * Strip accumulators stay in
+/// registers while the n value rows stream past, each weight broadcast once per Strip vectors.
+template <int Rows, int Strip, class Source, class Acc>
+KVCACHE_ALWAYS_INLINE void accumulate_strip(Acc* const* acc, const Acc* weights,
+                                            Index weight_stride,
+                                            const typename Source::Element* values,
+                                            Index value_stride, Index n, Index c) {
   using V = VecOf<Acc>;
   constexpr Index kWidth = V::width;
-  constexpr int kStrip = 2;  // vectors per row in registers: Rows * kStrip accumulators
+  V lane[Rows][Strip];
+  for (int r = 0; r < Rows; ++r)
+    for (int s = 0; s < Strip; ++s) lane[r][s] = V::load(acc[r] + c + s * kWidth);
+  // Invariant: lane[r][s] = acc[r][c + s * kWidth ...] plus the terms of value rows < j.
+  for (Index j = 0; j < n; ++j) {
+    const auto* value = values + j * value_stride;
+    V v[Strip];
+    for (int s = 0; s < Strip; ++s) v[s] = load_from<Source, V>(value, c + s * kWidth);
+    for (int r = 0; r < Rows; ++r) {
+      const V w = V::broadcast(weights[r * weight_stride + j]);
+      for (int s = 0; s < Strip; ++s) lane[r][s] = V::mul_add(w, v[s], lane[r][s]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int s = 0; s < Strip; ++s) lane[r][s].store(acc[r] + c + s * kWidth);
+}
+
+/// acc[r][c] += sum_j weight[r][j] * values[j][c] for `Rows` accumulator rows over `n` value
+/// rows (weights of row r at weights + r * weight_stride), a strip of columns at a time
+/// (V::accumulator_strip vectors, then 2, then 1: 16 of AVX-512's 32 registers hold
+/// accumulators), so each accumulator is loaded and stored once per block. Element (r, c)
+/// receives exactly the operations of n calls of axpy_rows, in the same order, whatever strip
+/// it falls in.
+template <int Rows, class Source, class Acc>
+KVCACHE_ALWAYS_INLINE void accumulate_rows(Acc* const* acc, const Acc* weights, Index weight_stride,
+                                           const typename Source::Element* values,
+                                           Index value_stride, Index n, Index head_dim) {
+  using V = VecOf<Acc>;
+  constexpr Index kWidth = V::width;
+  constexpr int kStrip = V::accumulator_strip;
   Index c = 0;
-  for (; c + kStrip * kWidth <= head_dim; c += kStrip * kWidth) {
-    V lane[Rows][kStrip];
-    for (int r = 0; r < Rows; ++r)
-      for (int s = 0; s < kStrip; ++s) lane[r][s] = V::load(acc[r] + c + s * kWidth);
-    // Invariant: lane[r][s] = acc[r][c + s * kWidth ...] plus the terms of value rows < j.
-    for (Index j = 0; j < n; ++j) {
-      const auto* value = values + j * value_stride;
-      V v[kStrip];
-      for (int s = 0; s < kStrip; ++s) v[s] = load_from<Source, V>(value, c + s * kWidth);
-      for (int r = 0; r < Rows; ++r) {
-        const V w = V::broadcast(weights[r * weight_stride + j]);
-        for (int s = 0; s < kStrip; ++s) lane[r][s] = V::mul_add(w, v[s], lane[r][s]);
-      }
-    }
-    for (int r = 0; r < Rows; ++r)
-      for (int s = 0; s < kStrip; ++s) lane[r][s].store(acc[r] + c + s * kWidth);
+  for (; c + kStrip * kWidth <= head_dim; c += kStrip * kWidth)
+    accumulate_strip<Rows, kStrip, Source>(acc, weights, weight_stride, values, value_stride, n, c);
+  if constexpr (kStrip > 2) {
+    for (; c + 2 * kWidth <= head_dim; c += 2 * kWidth)
+      accumulate_strip<Rows, 2, Source>(acc, weights, weight_stride, values, value_stride, n, c);
   }
-  for (; c + kWidth <= head_dim; c += kWidth) {
-    V lane[Rows];
-    for (int r = 0; r < Rows; ++r) lane[r] = V::load(acc[r] + c);
-    for (Index j = 0; j < n; ++j) {
-      const V v = load_from<Source, V>(values + j * value_stride, c);
-      for (int r = 0; r < Rows; ++r)
-        lane[r] = V::mul_add(V::broadcast(weights[r * weight_stride + j]), v, lane[r]);
-    }
-    for (int r = 0; r < Rows; ++r) lane[r].store(acc[r] + c);
-  }
+  for (; c + kWidth <= head_dim; c += kWidth)
+    accumulate_strip<Rows, 1, Source>(acc, weights, weight_stride, values, value_stride, n, c);
   for (Index j = 0; j < n; ++j)
     for (Index cc = c; cc < head_dim; ++cc)
       for (int r = 0; r < Rows; ++r)

@@ -81,6 +81,8 @@ struct FloatVec {
   }
 
   /// Dot products a reduction handles at once: a tile of 4 query rows x 2 keys, or 1 x 8.
+  /// Vectors per accumulator row that accumulate_rows keeps in registers.
+  static constexpr int accumulator_strip = 2;
   static constexpr int tile_dots = 8;
 
   /// out[i] = the sum of acc[i]'s 8 lanes, for 8 vectors, by one fixed tree for every i:

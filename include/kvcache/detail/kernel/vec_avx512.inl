@@ -79,6 +79,8 @@ struct FloatVec {
   }
 
   /// Dot products a reduction handles at once: a tile of 4 query rows x 4 keys, or 1 x 16.
+  /// Vectors per accumulator row that accumulate_rows keeps in registers.
+  static constexpr int accumulator_strip = 4;
   static constexpr int tile_dots = 16;
 
   /// out[i] = the sum of acc[i]'s 16 lanes, for 16 vectors, by one fixed tree for every i (a

@@ -109,6 +109,8 @@ struct PortableVec {
     return r;
   }
   /// Dot products a reduction handles at once (a tile of 4 rows x 1 key, or 1 x 4).
+  /// Vectors per accumulator row that accumulate_rows keeps in registers.
+  static constexpr int accumulator_strip = 2;
   static constexpr int tile_dots = 4;
 
   /// out[i] = acc[i].sum() (the interface of the intrinsic vectors).
