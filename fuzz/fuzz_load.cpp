@@ -398,8 +398,12 @@ void continue_with(const C& loaded) {
     // cache that reached it by updates).
     if (loaded.position() >= kvcache::max_position) return;
     // A dynamic cache of capacity 0 owns no storage, so its record may declare any shape
-    // (as its constructor accepts): then a token alone would not fit in memory.
-    if (loaded.num_heads() > (Index(1) << 20) / loaded.head_dim()) return;
+    // (as its constructor accepts): then the storage of one token for every batch row and head
+    // would not fit in memory (in a sanitizer build the allocation aborts instead of throwing).
+    const double token_elements = static_cast<double>(loaded.batch_size()) *
+                                  static_cast<double>(loaded.num_heads()) *
+                                  static_cast<double>(loaded.head_dim());
+    if (token_elements > double(Index(1) << 20)) return;
     C copy = loaded;
     const Tensor4<T> k = make_tensor<T, L>(1, copy.num_heads(), 1, copy.head_dim(), 1, 0);
     const Tensor4<T> v = make_tensor<T, L>(1, copy.num_heads(), 1, copy.head_dim(), 2, 0);

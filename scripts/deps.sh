@@ -4,7 +4,13 @@
 # root (or with sudo available).
 set -euo pipefail
 
-packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev)
+#   bash scripts/deps.sh              the project's packages (below)
+#   bash scripts/deps.sh PACKAGE...   those packages instead (scripts/fuzz.sh, scripts/test_arm.sh)
+if (($# > 0)); then
+  packages=("$@")
+else
+  packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev)
+fi
 
 missing=()
 for package in "${packages[@]}"; do

@@ -31,21 +31,7 @@ read -r -a extra_flags <<<"${FUZZ_FLAGS:-}"
 
 # --- dependencies --------------------------------------------------------------------------------
 bash scripts/deps.sh
-missing=()
-for package in clang-14 libclang-rt-14-dev; do
-  status=$(dpkg-query -W -f='${db:Status-Status}' "$package" 2>/dev/null || true)
-  [[ "$status" == installed ]] || missing+=("$package")
-done
-if ((${#missing[@]} > 0)); then
-  echo "fuzz: installing ${missing[*]}"
-  sudo=()
-  if ((EUID != 0)); then
-    command -v sudo >/dev/null || { echo "fuzz: not root and no sudo; install: ${missing[*]}" >&2; exit 1; }
-    sudo=(sudo)
-  fi
-  "${sudo[@]}" apt-get update
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
-fi
+bash scripts/deps.sh clang-14 libclang-rt-14-dev
 
 # --- build (only the fuzz targets) ----------------------------------------------------------------
 started=$SECONDS
