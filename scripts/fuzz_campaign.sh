@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A fuzzing campaign: runs each fuzz target for CAMPAIGN_SECONDS (default 3600) on a copy of its
-# seeds (scripts/fuzz.sh, both targets at once), merges what the run found back into
-# fuzz/corpus/<target> (libFuzzer -merge=1 keeps only inputs that add coverage), measures the
+# seeds (scripts/fuzz.sh, both targets at once), minimises the old and new inputs back into
+# fuzz/corpus/<target> (libFuzzer -merge=1 over edges; named seeds kept), measures the
 # clang source-based line and branch coverage of include/ that the merged corpus reaches, and
 # appends a record to docs/fuzzing.md: date, CPU, seconds and executions per target, findings,
 # coverage. Commit the corpus and the record afterwards.
@@ -28,10 +28,18 @@ if [[ "${CAMPAIGN_COVERAGE_ONLY:-0}" != 1 ]]; then
     echo "$line"
     runs[$target]=$(echo "$line" | sed -n 's/.*: \([0-9]*\) runs.*/\1/p; s/.*after \([0-9]*\) runs.*/\1/p')
     if [[ "$line" == *FINDING* ]]; then findings[$target]=1; else findings[$target]=0; fi
-    # Keep what adds coverage to the committed seeds.
-    build/fuzz/fuzz/"$target" -merge=1 fuzz/corpus/"$target" "$grown/$target" \
-      >"$grown/$target.merge.log" 2>&1 || echo "campaign: merge of $target failed (see below)"
+    # The committed corpus becomes: its named seeds (type*, regression-*: kept whatever they
+    # cover), plus a minimal set of the old and new inputs that covers every edge they reach
+    # (-use_counters=0: edges, not hit counts, else it keeps thousands of files).
+    minimized=$grown/$target.minimized
+    mkdir -p "$minimized"
+    find fuzz/corpus/"$target" -type f -regextype posix-extended ! -regex '.*/[0-9a-f]{40}' \
+      -exec cp {} "$minimized"/ \;
+    build/fuzz/fuzz/"$target" -merge=1 -use_counters=0 "$minimized" fuzz/corpus/"$target" \
+      "$grown/$target" >"$grown/$target.merge.log" 2>&1 || echo "campaign: merge of $target failed"
     grep -E "MERGE-OUTER: [0-9]+ new files" "$grown/$target.merge.log" | sed "s/^/campaign: $target: /"
+    rm -rf fuzz/corpus/"$target"
+    cp -r "$minimized" fuzz/corpus/"$target"
   done
 fi
 
@@ -75,5 +83,5 @@ duration=$seconds
 row="| $(date +%Y-%m-%d) | $cpu | $duration s | ${runs[fuzz_load]:-0} | ${runs[fuzz_operations]:-0} | ${findings[fuzz_load]:-0} + ${findings[fuzz_operations]:-0} | $lines% / $branches% | $(percent "$all_lt" "$all_lm")% / $(percent "$all_bt" "$all_bm")% |"
 echo "$row" >>docs/fuzzing.md
 echo "campaign: appended to docs/fuzzing.md: $row"
-awk -F'|' '/^\| 20[0-9][0-9]-/ {load += $5; ops += $6} END {
+awk -F'|' '/^## Campaigns/ {on = 1} on && $5 ~ /^ *[0-9]+ *$/ {load += $5; ops += $6} END {
   printf "campaign: executions recorded in docs/fuzzing.md: fuzz_load %d, fuzz_operations %d\n", load, ops }' docs/fuzzing.md
