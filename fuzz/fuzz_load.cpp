@@ -3,8 +3,9 @@
 // The first input byte picks the type asked for (kTypes below: StaticKVCache<float>,
 // StaticKVCache<Eigen::half, BSHD>, DynamicKVCache<float>, SlidingWindowKVCache<float>,
 // Int8KVCache<float>, Int4KVCache<float>, FrozenKVCache<float>,
-// ModelKVCache<SlidingWindowKVCache<float, BSHD>>, Int8KVCache<Eigen::bfloat16, BSHD>) and the
-// mode:
+// ModelKVCache<SlidingWindowKVCache<float, BSHD>>, Int8KVCache<Eigen::bfloat16, BSHD>, and a
+// ModelKVCache of std::variant<StaticKVCache<float>, SlidingWindowKVCache<float>,
+// Int4KVCache<float, BSHD>> layers) and the mode:
 //  0 raw      the rest of the input is the stream;
 //  1 mutated  a few input bytes build a small valid cache of that type (updates, crops, ring
 //             growth, NaN/infinite payloads), whose save() is then edited as the input says
@@ -41,6 +42,8 @@
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <utility>
+#include <variant>
 #include <vector>
 
 namespace {
@@ -85,6 +88,14 @@ template <class C>
 struct is_dynamic : std::false_type {};
 template <class T, class L>
 struct is_dynamic<kvcache::DynamicKVCache<T, L>> : std::true_type {};
+
+template <class C>
+struct is_variant : std::false_type {};
+template <class... Alternatives>
+struct is_variant<std::variant<Alternatives...>> : std::true_type {};
+
+/// Calls f on a layer: the cache itself, or the active alternative of a variant.
+using kvcache::detail::visit_layer;
 
 template <class C>
 constexpr bool has_crop_v = is_static<C>::value || is_dynamic<C>::value || is_quantized<C>::value;
@@ -160,11 +171,25 @@ C build_one(ByteReader& in) {
   }
 }
 
+/// A layer of a model: one kind, or an alternative of a variant that the input picks.
+template <class Layer, std::size_t I = 0>
+Layer build_layer(ByteReader& in, std::size_t pick) {
+  if constexpr (is_variant<Layer>::value) {
+    if constexpr (I + 1 < std::variant_size_v<Layer>) {
+      if (pick % std::variant_size_v<Layer> != I) return build_layer<Layer, I + 1>(in, pick);
+    }
+    return Layer(std::in_place_index<I>, build_one<std::variant_alternative_t<I, Layer>>(in));
+  } else {
+    (void)pick;
+    return build_one<Layer>(in);
+  }
+}
+
 template <class C>
 C build(ByteReader& in) {
   if constexpr (is_model<C>::value) {
     using Layer = typename C::cache_type;
-    return C(in.range(1, 3), [&](Index) { return build_one<Layer>(in); });
+    return C(in.range(1, 3), [&](Index) { return build_layer<Layer>(in, in.u8()); });
   } else {
     return build_one<C>(in);
   }
@@ -184,18 +209,23 @@ std::string saved(const C& cache) {
 struct Record {
   std::size_t start, length;
   bool trailing_checksum;
+  bool outer_crc32 = false;  ///< a mixed model's CRC-32 (IEEE) over [start, start + length - 4)
 };
 
 template <class C>
 std::vector<Record> records_of(const C& cache, const std::string& bytes) {
   if constexpr (is_model<C>::value) {
+    // A mixed model (std::variant layers) has a layer-type table after its header and an outer
+    // CRC-32 at the end, fixed last (it covers the layers).
+    constexpr bool mixed = is_variant<typename C::cache_type>::value;
     std::vector<Record> records = {{0, 33, false}};
-    std::size_t at = 33;
+    std::size_t at = 33 + (mixed ? 5 * static_cast<std::size_t>(cache.num_layers()) : 0);
     for (const auto& layer : cache) {
-      const std::size_t length = saved(layer).size();
+      const std::size_t length = visit_layer(layer, [](const auto& c) { return saved(c).size(); });
       records.push_back({at, length, true});
       at += length;
     }
+    if (mixed) records.push_back({0, bytes.size(), false, true});
     return records;
   } else {
     return {{0, bytes.size(), true}};
@@ -280,6 +310,14 @@ void fix_checksums(std::string& s, const std::vector<Record>& records) {
     return kvcache::detail::crc32c(reinterpret_cast<const std::uint8_t*>(s.data()) + from, to - from);
   };
   for (const Record& r : records) {
+    if (r.outer_crc32) {
+      const std::size_t end = std::min(r.start + r.length, s.size());
+      if (end >= r.start + 4)
+        write_u32(s, end - 4, kvcache::detail::crc32_ieee_update(
+                                  0, reinterpret_cast<const std::uint8_t*>(s.data()) + r.start,
+                                  end - 4 - r.start));
+      continue;
+    }
     if (r.start + 16 > s.size()) return;
     const std::uint32_t header = read_u32(s, r.start + 12);
     if (header < 33 || header > 256 || r.start + header > s.size()) continue;
@@ -423,7 +461,15 @@ void compare(const C& a, const C& b) {
   if constexpr (is_model<C>::value) {
     FUZZ_CHECK(a.num_layers() == b.num_layers(), "load(save()) has ", b.num_layers(), " layers, not ",
                a.num_layers());
-    for (Index l = 0; l < a.num_layers(); ++l) compare(a[l], b[l]);
+    for (Index l = 0; l < a.num_layers(); ++l) {
+      if constexpr (is_variant<typename C::cache_type>::value) {
+        FUZZ_CHECK(a[l].index() == b[l].index(), "load(save()) changed the kind of layer ", l);
+        std::visit([&](const auto& x) { compare(x, std::get<std::decay_t<decltype(x)>>(b[l])); },
+                   a[l]);
+      } else {
+        compare(a[l], b[l]);
+      }
+    }
   } else {
     const std::string diff = Snapshot<C>(a).diff(Snapshot<C>(b));
     FUZZ_CHECK(diff.empty(), "load(save(loaded)) differs from loaded: ", diff);
@@ -449,10 +495,11 @@ void check_loaded(const C& loaded, const std::string& input, std::streamoff cons
   compare(loaded, *again);
   FUZZ_CHECK(saved(*again) == first, "save(load(save(loaded))) differs from save(loaded)");
   if constexpr (is_model<C>::value) {
-    for (Index l = 0; l < loaded.num_layers(); ++l) {
-      probe(loaded[l], "a loaded layer");
-      continue_with(loaded[l]);
-    }
+    for (Index l = 0; l < loaded.num_layers(); ++l)
+      visit_layer(loaded[l], [](const auto& layer) {
+        probe(layer, "a loaded layer");
+        continue_with(layer);
+      });
   } else {
     probe(loaded, "the loaded cache");
     continue_with(loaded);
@@ -505,6 +552,11 @@ void run(int mode, ByteReader& in, const std::uint8_t* rest, std::size_t rest_si
   check_loaded(*loaded, input, static_cast<std::streamoff>(stream.tellg()));
 }
 
+/// A model of mixed layers (record kind 7: a layer-type table and an outer CRC-32).
+using MixedModel = kvcache::ModelKVCache<
+    std::variant<kvcache::StaticKVCache<float>, kvcache::SlidingWindowKVCache<float>,
+                 kvcache::Int4KVCache<float, BSHD>>>;
+
 using Run = void (*)(int, ByteReader&, const std::uint8_t*, std::size_t);
 constexpr Run kTypes[] = {
     &run<kvcache::StaticKVCache<float>>,
@@ -516,6 +568,7 @@ constexpr Run kTypes[] = {
     &run<kvcache::FrozenKVCache<float>>,
     &run<kvcache::ModelKVCache<kvcache::SlidingWindowKVCache<float, BSHD>>>,
     &run<kvcache::Int8KVCache<Eigen::bfloat16, BSHD>>,
+    &run<MixedModel>,
 };
 constexpr int kNumTypes = static_cast<int>(sizeof kTypes / sizeof kTypes[0]);
 
@@ -537,6 +590,7 @@ constexpr MakeRecord kValidRecords[] = {
     &valid_record<kvcache::FrozenKVCache<float>>,
     &valid_record<kvcache::ModelKVCache<kvcache::SlidingWindowKVCache<float, BSHD>>>,
     &valid_record<kvcache::Int8KVCache<Eigen::bfloat16, BSHD>>,
+    &valid_record<MixedModel>,
 };
 static_assert(sizeof kValidRecords == sizeof kTypes);
 
