@@ -68,8 +68,9 @@ namespace isa_avx2 {
 #elif defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-// g++ 12 reports its own AVX-512 intrinsics (their _mm512_undefined_* starting values) as
-// uninitialized once they are inlined here: a known false positive, not ours to see.
+// g++ 12 reports AVX-512 intrinsics that start from _mm512_undefined_* as uninitialized once
+// inlined (a false positive): vec_avx512.inl avoids them, but Eigen's own AVX-512 code, inlined
+// here in -march=native builds, uses them. (A precompiled header loses this pragma.)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
