@@ -219,22 +219,8 @@ class ModelKVCache {
         detail::read_record_header(reader, detail::record_type_of<ModelKVCache>());
     if (header.num_layers < 1)
       reader.fail("num_layers: expected at least 1, got ", header.num_layers);
-    std::vector<Cache> layers;
-    // Layers are added as they are read: a huge num_layers fails as truncated, not here.
-    layers.reserve(static_cast<std::size_t>(std::min<Index>(header.num_layers, 1024)));
-    std::uint64_t used = 0;  // memory of the layers read so far, <= limits.max_memory_bytes
-    for (Index layer = 0; layer < header.num_layers; ++layer) {
-      LoadLimits remaining;
-      remaining.max_memory_bytes = limits.max_memory_bytes - used;
-      try {
-        layers.push_back(Cache::load(in, remaining));
-      } catch (const FormatError& e) {
-        reader.fail("layer ", layer, " of ", header.num_layers, ": ",
-                    detail::without_library_prefix(e.what()));
-      }
-      used += std::min<std::uint64_t>(layers.back().memory_bytes(), remaining.max_memory_bytes);
-    }
-    return ModelKVCache(std::move(layers), FromLayers{});
+    return load_layers(reader, header.num_layers, limits,
+                       [&](Index, const LoadLimits& remaining) { return Cache::load(in, remaining); });
   }
 
   /// \brief Writes a model of mixed layers (docs/persistence_format.md, kind 7): a header with
@@ -299,29 +285,18 @@ class ModelKVCache {
         reader.fail("layer ", layer, " of ", header.num_layers, ": expected one of the layer "
                     "kinds of this model, got a ", detail::describe(type));
     }
-    std::vector<Cache> layers;
-    layers.reserve(alternatives.size());
-    std::uint64_t used = 0;  // memory of the layers read so far, <= limits.max_memory_bytes
-    for (std::size_t layer = 0; layer < alternatives.size(); ++layer) {
-      LoadLimits remaining;
-      remaining.max_memory_bytes = limits.max_memory_bytes - used;
-      try {
-        layers.push_back(detail::load_alternative<Cache>(alternatives[layer], body, remaining));
-      } catch (const FormatError& e) {
-        reader.fail("layer ", layer, " of ", header.num_layers, ": ",
-                    detail::without_library_prefix(e.what()));
-      }
-      used += std::min<std::uint64_t>(
-          detail::visit_layer(layers.back(), [](const auto& cache) { return cache.memory_bytes(); }),
-          remaining.max_memory_bytes);
-    }
+    ModelKVCache model = load_layers(
+        reader, header.num_layers, limits, [&](Index layer, const LoadLimits& remaining) {
+          return detail::load_alternative<Cache>(
+              alternatives[static_cast<std::size_t>(layer)], body, remaining);
+        });
     const std::uint32_t computed = checksummed.checksum();
     const auto stored = trailer.read_unsigned<std::uint32_t>("checksum");
     if (stored != computed)
       trailer.fail("checksum mismatch over the whole model: the record stores ",
                    detail::hex32(stored), ", its layer types and layers give ",
                    detail::hex32(computed), " (the data are corrupt)");
-    return ModelKVCache(std::move(layers), FromLayers{});
+    return model;
   }
 
   /// \brief The layers, in order.
@@ -333,6 +308,32 @@ class ModelKVCache {
  private:
   struct FromLayers {};
   ModelKVCache(std::vector<Cache> layers, FromLayers) : layers_(std::move(layers)) {}
+
+  /// The num_layers layers of a record, each read by load_layer(layer, limits) with what is
+  /// left of `limits` after the layers before it (all layers together stay within it); a
+  /// layer's FormatError is rethrown through `reader` naming the layer. Layers are added as
+  /// they are read: a huge num_layers fails as truncated, not here.
+  template <class LoadLayer>
+  static ModelKVCache load_layers(const detail::Reader& reader, Index num_layers,
+                                  const LoadLimits& limits, LoadLayer&& load_layer) {
+    std::vector<Cache> layers;
+    layers.reserve(static_cast<std::size_t>(std::min<Index>(num_layers, 1024)));
+    std::uint64_t used = 0;  // memory of the layers read so far, <= limits.max_memory_bytes
+    for (Index layer = 0; layer < num_layers; ++layer) {
+      LoadLimits remaining;
+      remaining.max_memory_bytes = limits.max_memory_bytes - used;
+      try {
+        layers.push_back(load_layer(layer, remaining));
+      } catch (const FormatError& e) {
+        reader.fail("layer ", layer, " of ", num_layers, ": ",
+                    detail::without_library_prefix(e.what()));
+      }
+      used += std::min<std::uint64_t>(
+          detail::visit_layer(layers.back(), [](const auto& cache) { return cache.memory_bytes(); }),
+          remaining.max_memory_bytes);
+    }
+    return ModelKVCache(std::move(layers), FromLayers{});
+  }
 
   std::size_t checked(Index layer) const {
     if (layer < 0 || layer >= num_layers())

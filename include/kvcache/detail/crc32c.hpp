@@ -25,11 +25,11 @@ inline constexpr std::uint32_t kCrc32IeeePolynomialReflected = 0xEDB88320u;
 /// table[0] is the classic byte-at-a-time table: the CRC register after shifting byte i
 /// through it. table[k][i] = the register after byte i followed by k zero bytes, which lets
 /// the loop below fold eight input bytes per step ("slicing by 8", Intel 2006).
-using Crc32cTables = std::array<std::array<std::uint32_t, 256>, 8>;
+using Crc32Tables = std::array<std::array<std::uint32_t, 256>, 8>;
 
 template <std::uint32_t PolynomialReflected>
-constexpr Crc32cTables make_crc32_tables() {
-  Crc32cTables tables{};
+constexpr Crc32Tables make_crc32_tables() {
+  Crc32Tables tables{};
   for (std::uint32_t byte = 0; byte < 256; ++byte) {
     std::uint32_t crc = byte;
     for (int bit = 0; bit < 8; ++bit)
@@ -45,13 +45,13 @@ constexpr Crc32cTables make_crc32_tables() {
 }
 
 template <std::uint32_t PolynomialReflected>
-inline constexpr Crc32cTables kCrc32Tables = make_crc32_tables<PolynomialReflected>();
+inline constexpr Crc32Tables kCrc32Tables = make_crc32_tables<PolynomialReflected>();
 
 /// Continues a CRC-32 of the given (reflected) polynomial over `size` more bytes; see
 /// crc32c_update.
 template <std::uint32_t PolynomialReflected>
 std::uint32_t crc32_update(std::uint32_t crc, const std::uint8_t* data, std::size_t size) {
-  const Crc32cTables& t = kCrc32Tables<PolynomialReflected>;
+  const Crc32Tables& t = kCrc32Tables<PolynomialReflected>;
   crc = ~crc;  // the register starts at all ones and is inverted at the end (the standard)
   while (size >= 8) {
     // The register is little-endian: its low byte meets the first input byte.

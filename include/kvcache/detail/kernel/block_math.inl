@@ -4,7 +4,7 @@
 // target region. No include guard and no includes, for that reason.
 //
 // Every loop adds in an order fixed by the code (lane l of an accumulator holds the terms of
-// the elements with index % width == l; lanes are added in a fixed tree by sum()), never by
+// the elements with index % width == l; lanes are added in a fixed tree by V::reduce), never by
 // where the data sits: the same inputs give the same bits on every call, in any grouping.
 
 /// The variant's vector of Acc: FloatVec for float, the portable vector for double.
