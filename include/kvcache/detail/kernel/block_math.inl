@@ -19,6 +19,33 @@ struct VecFor<float> {
 template <class Acc>
 using VecOf = typename VecFor<Acc>::type;
 
+/// sum_c a[c] over c in [0, n), in an order fixed by n alone: lane l of kLanes sums the a[i]
+/// with i % kLanes == l, the lanes are added pairwise in a fixed tree (lane l += lane l + w for
+/// w = kLanes / 2, ..., 1), the tail last. (A reduction that peels to alignment would make the
+/// last bits depend on where a buffer sits.) The lanes are kLanes / width vectors, so the
+/// tree's first steps, across vectors, are vector additions; every variant adds in the same
+/// order.
+template <class Acc>
+Acc fixed_order_sum(const Acc* a, Index n) {
+  using V = VecOf<Acc>;
+  static_assert(kLanes % V::width == 0, "kvcache: the sum's lanes fill whole vectors");
+  constexpr int kVectors = static_cast<int>(kLanes / V::width);
+  V lane[kVectors];
+  for (int k = 0; k < kVectors; ++k) lane[k] = V::zero();
+  Index c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int k = 0; k < kVectors; ++k) lane[k] = V::add(lane[k], V::load(a + c + k * V::width));
+  for (int half = kVectors / 2; half >= 1; half /= 2)
+    for (int k = 0; k < half; ++k) lane[k] = V::add(lane[k], lane[k + half]);
+  Acc first[V::width];
+  lane[0].store(first);
+  for (Index width = V::width / 2; width >= 1; width /= 2)
+    for (Index l = 0; l < width; ++l) first[l] += first[l + width];
+  Acc tail = 0;
+  for (; c < n; ++c) tail += a[c];
+  return first[0] + tail;
+}
+
 /// out[r * Keys + k] += the terms i in [from, head_dim) of rows[r] . keys[k]: the channels
 /// past the last whole vector, one by one (kept out of dot_tile so its accumulators stay in
 /// registers).

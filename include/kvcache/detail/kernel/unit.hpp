@@ -69,24 +69,9 @@ inline constexpr Index kTileRows = 16;
 /// Bytes of a cache line (x86-64 and most ARM cores): the unit of prefetching.
 inline constexpr Index kCacheLine = 64;
 
-/// Lanes of the fixed-order sum: enough independent partial sums for any vector width.
+/// Lanes of the fixed-order sum (block_math.inl's fixed_order_sum): enough independent
+/// partial sums for any vector width.
 inline constexpr int kLanes = 32;
-
-/// sum_c a[c] over c in [0, n), in an order fixed by n alone: lane l sums the a[i] with
-/// i % kLanes == l, the lanes are added pairwise in a fixed tree, the tail last. (A reduction
-/// that peels to alignment would make the last bits depend on where a buffer sits.)
-template <class Acc>
-Acc sum(const Acc* a, Index n) {
-  Acc lane[kLanes] = {};
-  Index c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane[l] += a[c + l];
-  for (int width = kLanes / 2; width >= 1; width /= 2)
-    for (int l = 0; l < width; ++l) lane[l] += lane[l + width];
-  Acc tail = 0;
-  for (; c < n; ++c) tail += a[c];
-  return lane[0] + tail;
-}
 
 /// Where one work unit's scratch lives: num_rows softmax states and the Acc scratch.
 template <class Acc>
@@ -96,11 +81,10 @@ struct UnitScratch {
 };
 
 /// Scratch elements a quantized segment's blocks need for num_rows rows (group G, D channels):
-/// key scales and zeros (2D), value scales and zeros group-major (2D), staging (2D), then per
-/// row the folded query (D), its zero term, the weights and scaled weights (2G), zero sums.
+/// key scales and zeros (2D), per row the folded query (D), its zero term and the weights (G),
+/// then the block's values dequantized (G x D).
 inline Index quantized_scratch_elements(Index num_rows, Index head_dim, Index group) {
-  const Index groups = head_dim / group;
-  return 6 * head_dim + num_rows * (head_dim + 1 + 2 * group + groups);
+  return 2 * head_dim + num_rows * (head_dim + 1 + group) + group * head_dim;
 }
 
 /// Acc elements of scratch one work unit of num_rows rows needs: the score tile
