@@ -31,11 +31,15 @@ Acc fixed_order_sum(const Acc* a, Index n) {
   static_assert(kLanes % V::width == 0, "kvcache: the sum's lanes fill whole vectors");
   constexpr int kVectors = static_cast<int>(kLanes / V::width);
   V lane[kVectors];
+  #pragma GCC unroll 16
   for (int k = 0; k < kVectors; ++k) lane[k] = V::zero();
   Index c = 0;
   for (; c + kLanes <= n; c += kLanes)
+    #pragma GCC unroll 16
     for (int k = 0; k < kVectors; ++k) lane[k] = V::add(lane[k], V::load(a + c + k * V::width));
+  #pragma GCC unroll 16
   for (int half = kVectors / 2; half >= 1; half /= 2)
+    #pragma GCC unroll 16
     for (int k = 0; k < half; ++k) lane[k] = V::add(lane[k], lane[k + half]);
   Acc first[V::width];
   lane[0].store(first);
@@ -46,13 +50,56 @@ Acc fixed_order_sum(const Acc* a, Index n) {
   return first[0] + tail;
 }
 
+/// Whether some w[j], j in [0, n), is 0, for weights w[j] >= 0 (exponentials times a
+/// positive scale) or NaN (ignored: a NaN weight makes its row NaN anyway): their minimum, a
+/// vector at a time.
+template <class Acc>
+bool any_zero_weight(const Acc* w, Index n) {
+  using V = VecOf<Acc>;
+  Acc smallest = std::numeric_limits<Acc>::infinity();
+  Index j = 0;
+  if (n >= V::width) {
+    V low = V::broadcast(smallest);
+    // Invariant: lane l of low = the smallest non-NaN w[i], i < j, i % width == l.
+    for (; j + V::width <= n; j += V::width) low = V::min(V::load(w + j), low);
+    Acc lanes[V::width];
+    low.store(lanes);
+    for (Index l = 0; l < V::width; ++l) smallest = std::min(smallest, lanes[l]);
+  }
+  for (; j < n; ++j) smallest = std::min(smallest, w[j]);
+  return smallest == Acc(0);
+}
+
+/// The largest s[j], j in [0, n), ignoring NaN (-inf when n is 0 or every s[j] is -inf or
+/// NaN), a vector at a time: one max chain per lane instead of one through n.
+template <class Acc>
+Acc max_score(const Acc* s, Index n) {
+  using V = VecOf<Acc>;
+  const Acc minus_infinity = -std::numeric_limits<Acc>::infinity();
+  Acc largest = minus_infinity;
+  Index j = 0;
+  if (n >= V::width) {
+    V high = V::broadcast(minus_infinity);
+    // Invariant: lane l of high = the largest non-NaN s[i], i < j, i % width == l (a NaN
+    // operand yields the second operand, high).
+    for (; j + V::width <= n; j += V::width) high = V::max(V::load(s + j), high);
+    Acc lanes[V::width];
+    high.store(lanes);
+    for (Index l = 0; l < V::width; ++l) largest = std::max(largest, lanes[l]);
+  }
+  for (; j < n; ++j) largest = std::max(largest, s[j]);
+  return largest;
+}
+
 /// out[r * Keys + k] += the terms i in [from, head_dim) of rows[r] . keys[k]: the channels
 /// past the last whole vector, one by one (kept out of dot_tile so its accumulators stay in
 /// registers).
 template <int Rows, int Keys, class Source, class Acc>
 void dot_tail(const Acc* const* rows, const typename Source::Element* const* keys, Index from,
               Index head_dim, Acc* out) {
+  #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r)
+    #pragma GCC unroll 16
     for (int k = 0; k < Keys; ++k) {
       Acc tail = 0;
       for (Index i = from; i < head_dim; ++i)
@@ -86,15 +133,19 @@ KVCACHE_ALWAYS_INLINE void dot_tile(const Acc* const* rows,
   static_assert(Rows * Keys == V::tile_dots, "kvcache: a tile holds V::tile_dots dot products");
   constexpr Index kWidth = V::width;
   V acc[Rows * Keys];
+  #pragma GCC unroll 16
   for (int i = 0; i < Rows * Keys; ++i) acc[i] = V::zero();
   Index c = 0;
   // Invariant: lane l of acc[r * Keys + k] = sum of rows[r][i] * keys[k][i] over i < c with
   // i % kWidth == l.
   for (; c + kWidth <= head_dim; c += kWidth) {
     V key[Keys];
+    #pragma GCC unroll 16
     for (int k = 0; k < Keys; ++k) key[k] = load_from<Source, V>(keys[k], c);
+    #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
       const V query = V::load(rows[r] + c);
+      #pragma GCC unroll 16
       for (int k = 0; k < Keys; ++k) acc[r * Keys + k] = V::mul_add(query, key[k], acc[r * Keys + k]);
     }
   }
@@ -117,6 +168,7 @@ void score_block(const Acc* queries, Index num_rows, Index head_dim,
     constexpr int kRows = decltype(rows_tag)::value, kKeys = kDots / kRows;
     for (Index j = 0; j < n; j += kKeys) {
       const Element* key[kKeys];
+      #pragma GCC unroll 16
       for (int k = 0; k < kKeys; ++k) {
         const Index at = std::min(j + k, n - 1);
         key[k] = keys + at * key_stride;
@@ -124,6 +176,7 @@ void score_block(const Acc* queries, Index num_rows, Index head_dim,
       }
       for (Index row = 0; row < num_rows; row += kRows) {
         const Acc* query[kRows];
+        #pragma GCC unroll 16
         for (int r = 0; r < kRows; ++r) query[r] = queries + std::min(row + r, num_rows - 1) * head_dim;
         Acc dots[kDots];
         dot_tile<kRows, kKeys, Source>(query, key, head_dim, dots);
@@ -155,15 +208,38 @@ template <int Rows, class Acc, class T>
 void axpy_rows(Acc* const* acc, const Acc* weight, const T* value, Index head_dim) {
   using V = VecOf<Acc>;
   V w[Rows];
+  #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r) w[r] = V::broadcast(weight[r]);
   Index c = 0;
   for (; c + V::width <= head_dim; c += V::width) {
     const V v = V::load(value + c);
+    #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) V::mul_add(w[r], v, V::load(acc[r] + c)).store(acc[r] + c);
   }
   for (; c < head_dim; ++c)
+    #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) acc[r][c] += weight[r] * static_cast<Acc>(value[c]);
 }
+
+/// Asks for the cache lines of rows [0, rows) of a K/V block (row j at base + j * stride
+/// bytes, `bytes` long) one row at a time, as a loop reaches row j: the memory streams stay
+/// busy while the loop computes. rows 0: nothing.
+struct RowPrefetch {
+  const char* base = nullptr;
+  Index stride = 0;
+  Index rows = 0;
+  Index bytes = 0;
+
+  template <class Element>
+  static RowPrefetch of(const Element* first_row, Index row_stride, Index rows, Index row_length) {
+    return {reinterpret_cast<const char*>(first_row), row_stride * Index(sizeof(Element)), rows,
+            row_length * Index(sizeof(Element))};
+  }
+  void operator()(Index j) const {
+    if (j >= rows) return;
+    for (Index b = 0; b < bytes; b += kCacheLine) FloatVec::prefetch(base + j * stride + b);
+  }
+};
 
 /// Columns [c, c + Strip * width) of accumulate_rows: Rows * Strip accumulators stay in
 /// registers while the n value rows stream past, each weight broadcast once per Strip vectors.
@@ -171,23 +247,32 @@ template <int Rows, int Strip, class Source, class Acc>
 KVCACHE_ALWAYS_INLINE void accumulate_strip(Acc* const* acc, const Acc* weights,
                                             Index weight_stride,
                                             const typename Source::Element* values,
-                                            Index value_stride, Index n, Index c) {
+                                            Index value_stride, Index n, Index c,
+                                            const RowPrefetch& prefetch) {
   using V = VecOf<Acc>;
   constexpr Index kWidth = V::width;
   V lane[Rows][Strip];
+  #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r)
+    #pragma GCC unroll 16
     for (int s = 0; s < Strip; ++s) lane[r][s] = V::load(acc[r] + c + s * kWidth);
   // Invariant: lane[r][s] = acc[r][c + s * kWidth ...] plus the terms of value rows < j.
   for (Index j = 0; j < n; ++j) {
+    prefetch(j);
     const auto* value = values + j * value_stride;
     V v[Strip];
+    #pragma GCC unroll 16
     for (int s = 0; s < Strip; ++s) v[s] = load_from<Source, V>(value, c + s * kWidth);
+    #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
       const V w = V::broadcast(weights[r * weight_stride + j]);
+      #pragma GCC unroll 16
       for (int s = 0; s < Strip; ++s) lane[r][s] = V::mul_add(w, v[s], lane[r][s]);
     }
   }
+  #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r)
+    #pragma GCC unroll 16
     for (int s = 0; s < Strip; ++s) lane[r][s].store(acc[r] + c + s * kWidth);
 }
 
@@ -196,48 +281,58 @@ KVCACHE_ALWAYS_INLINE void accumulate_strip(Acc* const* acc, const Acc* weights,
 /// (V::accumulator_strip vectors, then 2, then 1: 16 of AVX-512's 32 registers hold
 /// accumulators), so each accumulator is loaded and stored once per block. Element (r, c)
 /// receives exactly the operations of n calls of axpy_rows, in the same order, whatever strip
-/// it falls in.
+/// it falls in. The first strip runs `prefetch` row by row.
 template <int Rows, class Source, class Acc>
 KVCACHE_ALWAYS_INLINE void accumulate_rows(Acc* const* acc, const Acc* weights, Index weight_stride,
                                            const typename Source::Element* values,
-                                           Index value_stride, Index n, Index head_dim) {
+                                           Index value_stride, Index n, Index head_dim,
+                                           RowPrefetch prefetch) {
   using V = VecOf<Acc>;
   constexpr Index kWidth = V::width;
   constexpr int kStrip = V::accumulator_strip;
   Index c = 0;
-  for (; c + kStrip * kWidth <= head_dim; c += kStrip * kWidth)
-    accumulate_strip<Rows, kStrip, Source>(acc, weights, weight_stride, values, value_stride, n, c);
+  for (; c + kStrip * kWidth <= head_dim; c += kStrip * kWidth, prefetch = RowPrefetch{})
+    accumulate_strip<Rows, kStrip, Source>(acc, weights, weight_stride, values, value_stride, n, c,
+                                           prefetch);
   if constexpr (kStrip > 2) {
-    for (; c + 2 * kWidth <= head_dim; c += 2 * kWidth)
-      accumulate_strip<Rows, 2, Source>(acc, weights, weight_stride, values, value_stride, n, c);
+    for (; c + 2 * kWidth <= head_dim; c += 2 * kWidth, prefetch = RowPrefetch{})
+      accumulate_strip<Rows, 2, Source>(acc, weights, weight_stride, values, value_stride, n, c,
+                                        prefetch);
   }
-  for (; c + kWidth <= head_dim; c += kWidth)
-    accumulate_strip<Rows, 1, Source>(acc, weights, weight_stride, values, value_stride, n, c);
-  for (Index j = 0; j < n; ++j)
+  for (; c + kWidth <= head_dim; c += kWidth, prefetch = RowPrefetch{})
+    accumulate_strip<Rows, 1, Source>(acc, weights, weight_stride, values, value_stride, n, c,
+                                      prefetch);
+  for (Index j = 0; j < n; ++j) {
+    prefetch(j);
     for (Index cc = c; cc < head_dim; ++cc)
+      #pragma GCC unroll 16
       for (int r = 0; r < Rows; ++r)
         acc[r][cc] += weights[r * weight_stride + j] *
                       Source::template scalar<Acc>(values + j * value_stride, cc);
+  }
 }
 
 /// acc += P V for num_rows accumulator rows of `columns` columns (row r at accumulators +
 /// r * row_stride, its weights at weights + r * weight_stride) over n value rows: four rows at
-/// a time through accumulate_rows, the rest one at a time.
+/// a time through accumulate_rows, the rest one at a time. The first pass over the value rows
+/// runs `prefetch` row by row.
 template <class Source, class Acc>
 void accumulate_all_rows(Acc* accumulators, Index num_rows, Index row_stride, Index columns,
                          const Acc* weights, Index weight_stride,
-                         const typename Source::Element* values, Index value_stride, Index n) {
+                         const typename Source::Element* values, Index value_stride, Index n,
+                         RowPrefetch prefetch = {}) {
   Index row = 0;
-  for (; row + 4 <= num_rows; row += 4) {
+  for (; row + 4 <= num_rows; row += 4, prefetch = RowPrefetch{}) {
     Acc* acc[4];
+    #pragma GCC unroll 16
     for (int r = 0; r < 4; ++r) acc[r] = accumulators + (row + r) * row_stride;
     accumulate_rows<4, Source>(acc, weights + row * weight_stride, weight_stride, values,
-                               value_stride, n, columns);
+                               value_stride, n, columns, prefetch);
   }
-  for (; row < num_rows; ++row) {
+  for (; row < num_rows; ++row, prefetch = RowPrefetch{}) {
     Acc* acc[1] = {accumulators + row * row_stride};
     accumulate_rows<1, Source>(acc, weights + row * weight_stride, weight_stride, values,
-                               value_stride, n, columns);
+                               value_stride, n, columns, prefetch);
   }
 }
 
@@ -256,18 +351,25 @@ void tile_scores(const Acc* queries, Index num_rows, Index head_dim, const Acc* 
   auto block = [&](auto rows_tag, auto vecs_tag, Index row, Index j) {
     constexpr int kRows = decltype(rows_tag)::value, kVecs = decltype(vecs_tag)::value;
     V lane[kRows][kVecs];
+    #pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r)
+      #pragma GCC unroll 16
       for (int s = 0; s < kVecs; ++s) lane[r][s] = V::zero();
     // Invariant: lane[r][s] = sum over channels < c of q[row + r][c] * keys_t[c][j + s * W ...].
     for (Index c = 0; c < head_dim; ++c) {
       V k[kVecs];
+      #pragma GCC unroll 16
       for (int s = 0; s < kVecs; ++s) k[s] = V::load(keys_t + c * kKeyBlock + j + s * kWidth);
+      #pragma GCC unroll 16
       for (int r = 0; r < kRows; ++r) {
         const V q = V::broadcast(queries[(row + r) * head_dim + c]);
+        #pragma GCC unroll 16
         for (int s = 0; s < kVecs; ++s) lane[r][s] = V::mul_add(q, k[s], lane[r][s]);
       }
     }
+    #pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r)
+      #pragma GCC unroll 16
       for (int s = 0; s < kVecs; ++s) lane[r][s].store(tile + (row + r) * kKeyBlock + j + s * kWidth);
   };
   using One = std::integral_constant<int, 1>;

@@ -22,8 +22,7 @@ void softmax_step(const ItemRows<Acc>& rows, Index row, const MaskRules& mask,
     for (Index j = 0; j < begin; ++j) scores[j] = minus_infinity;
     for (Index j = end; j < n; ++j) scores[j] = minus_infinity;
   }
-  Acc block_max = minus_infinity;
-  for (Index j = 0; j < n; ++j) block_max = std::max(block_max, scores[j]);
+  const Acc block_max = max_score(scores, n);
   if (block_max == minus_infinity) {  // nothing visible
     for (Index j = 0; j < n; ++j) scores[j] = Acc(0);
     return;
@@ -46,28 +45,16 @@ void apply_softcap(Acc* tile, Index num_rows, Index n, Acc softcap) {
   s = softcap * (s.array() * (Acc(1) / softcap)).tanh().matrix();
 }
 
-/// Asks the cache hierarchy for the cache lines of one row of head_dim elements.
-template <class T>
-void prefetch_row(const T* row, Index head_dim) {
-  const char* bytes = reinterpret_cast<const char*>(row);
-  for (Index b = 0; b < head_dim * Index(sizeof(T)); b += kCacheLine) FloatVec::prefetch(bytes + b);
-}
-
 /// Scores of a block for fewer than kTileRows rows (decode), in place (score_block): each key
-/// row is read once, for every row of the unit. Before a key's tile, its value row and the
-/// same key of the next block are fetched: the memory streams stay busy during the arithmetic.
+/// row is read once, for every row of the unit. Before key j's tile, key j of the next block is
+/// fetched (and block_values fetches its value rows the same way): each phase keeps its own
+/// stream busy one block ahead, so the bus works during the arithmetic of both.
 template <class T, class Acc>
-void decode_scores(const ItemRows<Acc>& rows, const T* keys, const T* values, Index seq_stride,
-                   Index n, const T* next_keys, Index next_len, Acc* tile) {
+void decode_scores(const ItemRows<Acc>& rows, const T* keys, Index seq_stride, Index n,
+                   const NextBlock<T>& next, Acc* tile) {
+  const RowPrefetch prefetch = RowPrefetch::of(next.keys, seq_stride, next.length, rows.head_dim);
   score_block<Stored<T>>(rows.queries, rows.num_rows, rows.head_dim, keys, seq_stride, n, tile,
-                         kKeyBlock, [&](Index j) {
-                           prefetch_row(values + j * seq_stride, rows.head_dim);
-                           constexpr Index kAhead = 16;
-                           if (j + kAhead < n)
-                             prefetch_row(keys + (j + kAhead) * seq_stride, rows.head_dim);
-                           else if (j + kAhead - n < next_len)
-                             prefetch_row(next_keys + (j + kAhead - n) * seq_stride, rows.head_dim);
-                         });
+                         kKeyBlock, prefetch);
 }
 
 /// Whether every element of n value rows is finite (a masked key's weight is 0, and 0 * inf is
@@ -85,14 +72,15 @@ bool all_finite(const T* values, Index seq_stride, Index n, Index head_dim) {
 /// so a masked inf or NaN value cannot reach a row; otherwise accumulate_all_rows.
 template <class T, class Acc>
 void block_values(const ItemRows<Acc>& rows, const Acc* weights, const T* values,
-                  Index seq_stride, Index n) {
+                  Index seq_stride, Index n, const NextBlock<T>& next) {
   const Index head_dim = rows.head_dim;
   bool has_zero = false;
-  for (Index row = 0; row < rows.num_rows; ++row)
-    for (Index j = 0; j < n; ++j) has_zero |= weights[row * kKeyBlock + j] == Acc(0);
+  for (Index row = 0; row < rows.num_rows && !has_zero; ++row)
+    has_zero = any_zero_weight(weights + row * kKeyBlock, n);
   if (!has_zero || all_finite<Acc>(values, seq_stride, n, head_dim)) {
-    accumulate_all_rows<Stored<T>>(rows.accumulators, rows.num_rows, head_dim, head_dim, weights,
-                                   kKeyBlock, values, seq_stride, n);
+    accumulate_all_rows<Stored<T>>(
+        rows.accumulators, rows.num_rows, head_dim, head_dim, weights, kKeyBlock, values,
+        seq_stride, n, RowPrefetch::of(next.values, seq_stride, next.length, head_dim));
     return;
   }
   for (Index row = 0; row < rows.num_rows; ++row) {
@@ -106,19 +94,20 @@ void block_values(const ItemRows<Acc>& rows, const Acc* weights, const T* values
 
 /// One block of n keys/values of a T segment at positions first_p, ... for every row of a unit:
 /// scores (decode: dot products in place; prefill: a tile over the keys transposed into
-/// `keys_t`, kKeyBlock x head_dim plus a head_dim row buffer), softcap, the online softmax per row, then acc += P V.
+/// `keys_t`, kKeyBlock x head_dim plus a head_dim row buffer), softcap, the online softmax per
+/// row, then acc += P V; `next` is prefetched meanwhile.
 template <class T, class Acc>
 void attend_block(const ItemRows<Acc>& rows, const MaskRules& mask, const ScoreParams<Acc>& score,
                   const T* keys, const T* values, Index seq_stride, Index n, Index first_p,
-                  const T* next_keys, Index next_len, Acc* tile, Acc* keys_t) {
+                  const NextBlock<T>& next, Acc* tile, Acc* keys_t) {
   if (rows.num_rows >= kTileRows) {
     transpose_keys(keys, seq_stride, n, rows.head_dim, keys_t, keys_t + kKeyBlock * rows.head_dim);
     tile_scores(rows.queries, rows.num_rows, rows.head_dim, keys_t, n, tile);
   } else {
-    decode_scores(rows, keys, values, seq_stride, n, next_keys, next_len, tile);
+    decode_scores(rows, keys, seq_stride, n, next, tile);
   }
   if (score.softcap > 0) apply_softcap(tile, rows.num_rows, n, score.softcap);
   for (Index row = 0; row < rows.num_rows; ++row)
     softmax_step(rows, row, mask, score, tile + row * kKeyBlock, n, first_p);
-  block_values(rows, tile, values, seq_stride, n);
+  block_values(rows, tile, values, seq_stride, n, next);
 }

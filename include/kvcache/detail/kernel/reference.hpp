@@ -192,7 +192,8 @@ void attend_unit(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& ma
     for_each_visible_block(
         kv.segments[static_cast<std::size_t>(s)], mask, batch_idx, kv_head_idx,
         rows.row_position(0), rows.row_position(rows.rows_per_head - 1),
-        [&](const T* keys, const T* values, Index block_len, Index first_p, const T*, Index) {
+        [&](const T* keys, const T* values, Index block_len, Index first_p,
+            const NextBlock<T>&) {
           attend_block_reference(rows, mask, score, keys, values,
                                  kv.segments[static_cast<std::size_t>(s)].strides.seq, block_len,
                                  first_p, scores);

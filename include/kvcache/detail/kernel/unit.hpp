@@ -169,10 +169,18 @@ ItemRows<Acc> prepare_rows(const QueryArgs<T>& q, Index num_kv_heads, const Scor
                        q.first_position + q_begin, rows_per_head, batch_idx, kv_head_idx};
 }
 
-/// The blocks of a segment a unit visits: calls visit(keys, values, block_len, first_p,
-/// next_keys, next_len) for each block of kKeyBlock positions (the last may be shorter) that a
-/// row at positions [first_t, last_t] can see, in position order. next_keys/next_len: the
-/// following block of the same segment (next_len 0: none), for prefetching.
+/// The block after the one a kernel works on, in the same segment: what it prefetches
+/// meanwhile (length 0: none).
+template <class T>
+struct NextBlock {
+  const T* keys = nullptr;
+  const T* values = nullptr;
+  Index length = 0;
+};
+
+/// The blocks of a segment a unit visits: calls visit(keys, values, block_len, first_p, next)
+/// for each block of kKeyBlock positions (the last may be shorter) that a row at positions
+/// [first_t, last_t] can see, in position order; next is the following block of the segment.
 template <class T, class Visit>
 void for_each_visible_block(const KVSegment<T>& seg, const MaskRules& mask, Index batch_idx,
                             Index kv_head_idx, Index first_t, Index last_t, Visit&& visit) {
@@ -185,8 +193,9 @@ void for_each_visible_block(const KVSegment<T>& seg, const MaskRules& mask, Inde
     const T* keys = seg.keys + head_offset + block_begin * seg.strides.seq;
     const T* values = seg.values + head_offset + block_begin * seg.strides.seq;
     const Index next_len = std::clamp<Index>(seg.length - block_begin - kKeyBlock, 0, kKeyBlock);
+    const Index next_offset = next_len > 0 ? kKeyBlock * seg.strides.seq : 0;
     visit(keys, values, block_len, first_p,
-          next_len > 0 ? keys + kKeyBlock * seg.strides.seq : nullptr, next_len);
+          NextBlock<T>{keys + next_offset, values + next_offset, next_len});
   }
 }
 

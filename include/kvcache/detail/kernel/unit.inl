@@ -31,9 +31,9 @@ void attend_unit(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& ma
     const KVSegment<T>& seg = kv.segments[static_cast<std::size_t>(s)];
     for_each_visible_block(seg, mask, batch_idx, kv_head_idx, first_t, last_t,
                            [&](const T* keys, const T* values, Index n, Index first_p,
-                               const T* next_keys, Index next_len) {
+                               const NextBlock<T>& next) {
                              attend_block(rows, mask, score, keys, values, seg.strides.seq, n,
-                                          first_p, next_keys, next_len, tile, keys_t);
+                                          first_p, next, tile, keys_t);
                            });
   }
 }

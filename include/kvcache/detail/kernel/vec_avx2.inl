@@ -54,6 +54,9 @@ struct FloatVec {
   }
   static FloatVec add(FloatVec a, FloatVec b) { return {_mm256_add_ps(a.v, b.v)}; }
   static FloatVec mul(FloatVec a, FloatVec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  /// Lane-wise min / max; where a lane of either is NaN, b's lane (vminps / vmaxps).
+  static FloatVec min(FloatVec a, FloatVec b) { return {_mm256_min_ps(a.v, b.v)}; }
+  static FloatVec max(FloatVec a, FloatVec b) { return {_mm256_max_ps(a.v, b.v)}; }
 
   /// exp(x - shift), exactly 0 where x is -inf. Cody-Waite reduction x = n ln2 + r with
   /// |r| <= ln2 / 2 and the Cephes degree-6 polynomial (about 1 ulp); exponents below -126 give

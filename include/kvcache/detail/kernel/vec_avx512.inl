@@ -55,6 +55,9 @@ struct FloatVec {
   }
   static FloatVec add(FloatVec a, FloatVec b) { return {_mm512_add_ps(a.v, b.v)}; }
   static FloatVec mul(FloatVec a, FloatVec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  /// Lane-wise min / max; where a lane of either is NaN, b's lane (vminps / vmaxps).
+  static FloatVec min(FloatVec a, FloatVec b) { return {_mm512_maskz_min_ps(kAll, a.v, b.v)}; }
+  static FloatVec max(FloatVec a, FloatVec b) { return {_mm512_maskz_max_ps(kAll, a.v, b.v)}; }
 
   /// exp(x - shift), exactly 0 where x is -inf: the reduction and polynomial of the AVX2
   /// vector, with vscalefps applying 2^n (it gives 0 below the normal range itself).
@@ -88,9 +91,11 @@ struct FloatVec {
   /// do not depend on the other 15.
   static void reduce(const FloatVec (&acc)[16], float* out) {
     __m512 half[8], quarter[4];
+    #pragma GCC unroll 16
     for (int i = 0; i < 8; ++i)  // [a.q0 + a.q2, a.q1 + a.q3, b.q0 + b.q2, b.q1 + b.q3]
       half[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(kAll, acc[2 * i].v, acc[2 * i + 1].v, 0x44),
                               _mm512_maskz_shuffle_f32x4(kAll, acc[2 * i].v, acc[2 * i + 1].v, 0xEE));
+    #pragma GCC unroll 16
     for (int i = 0; i < 4; ++i)  // quarter k: four partial sums of vector 4i + k
       quarter[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(kAll, half[2 * i], half[2 * i + 1], 0x88),
                                  _mm512_maskz_shuffle_f32x4(kAll, half[2 * i], half[2 * i + 1], 0xDD));

@@ -37,6 +37,7 @@ struct PortableVec {
 
   static PortableVec broadcast(Acc x) {
     PortableVec r;
+    #pragma GCC unroll 16
     for (int i = 0; i < W; ++i) r.v[i] = x;
     return r;
   }
@@ -48,6 +49,7 @@ struct PortableVec {
   static PortableVec load(const T* from) {
     PortableVec r;
     if constexpr (std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<Acc, float>) {
+      #pragma GCC unroll 16
       for (int i = 0; i < W; ++i) {
         std::uint16_t upper;
         std::memcpy(&upper, from + i, sizeof upper);
@@ -57,6 +59,7 @@ struct PortableVec {
         r.v[i] = widened;
       }
     } else {
+      #pragma GCC unroll 16
       for (int i = 0; i < W; ++i) r.v[i] = static_cast<Acc>(from[i]);
     }
     return r;
@@ -70,6 +73,7 @@ struct PortableVec {
 #endif
   }
   void store(Acc* to) const {
+    #pragma GCC unroll 16
     for (int i = 0; i < W; ++i) to[i] = v[i];
   }
 
@@ -78,6 +82,7 @@ struct PortableVec {
   template <int Bits>
   static PortableVec load_codes(const std::uint8_t* row, Index c) {
     PortableVec r;
+    #pragma GCC unroll 16
     for (int i = 0; i < W; ++i) {
       const Index channel = c + i;
       r.v[i] = static_cast<Acc>(Bits == 8 ? row[channel]
@@ -88,22 +93,39 @@ struct PortableVec {
 
   static PortableVec mul_add(PortableVec a, PortableVec b, PortableVec c) {
     PortableVec r;
+    #pragma GCC unroll 16
     for (int i = 0; i < W; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
     return r;
   }
   static PortableVec add(PortableVec a, PortableVec b) {
     PortableVec r;
+    #pragma GCC unroll 16
     for (int i = 0; i < W; ++i) r.v[i] = a.v[i] + b.v[i];
     return r;
   }
   static PortableVec mul(PortableVec a, PortableVec b) {
     PortableVec r;
+    #pragma GCC unroll 16
     for (int i = 0; i < W; ++i) r.v[i] = a.v[i] * b.v[i];
+    return r;
+  }
+  /// Lane-wise min / max; where a lane of either is NaN, b's lane (as vminps / vmaxps).
+  static PortableVec min(PortableVec a, PortableVec b) {
+    PortableVec r;
+    #pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) r.v[i] = a.v[i] < b.v[i] ? a.v[i] : b.v[i];
+    return r;
+  }
+  static PortableVec max(PortableVec a, PortableVec b) {
+    PortableVec r;
+    #pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) r.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
     return r;
   }
   /// exp(x - shift) lane by lane, exactly 0 where x is -inf (a masked score).
   static PortableVec exp_shifted(PortableVec x, Acc shift) {
     PortableVec r;
+    #pragma GCC unroll 16
     for (int i = 0; i < W; ++i)
       r.v[i] = x.v[i] == -std::numeric_limits<Acc>::infinity() ? Acc(0) : std::exp(x.v[i] - shift);
     return r;
@@ -115,6 +137,7 @@ struct PortableVec {
 
   /// out[i] = acc[i].sum() (the interface of the intrinsic vectors).
   static void reduce(const PortableVec (&acc)[4], Acc* out) {
+    #pragma GCC unroll 16
     for (int i = 0; i < 4; ++i) out[i] = acc[i].sum();
   }
 
@@ -122,8 +145,11 @@ struct PortableVec {
   /// The lanes added pairwise in a fixed tree: (l0 + l_{W/2}) ... .
   Acc sum() const {
     Acc lane[W];
+    #pragma GCC unroll 16
     for (int i = 0; i < W; ++i) lane[i] = v[i];
+    #pragma GCC unroll 16
     for (int half = W / 2; half >= 1; half /= 2)
+      #pragma GCC unroll 16
       for (int i = 0; i < half; ++i) lane[i] += lane[i + half];
     return lane[0];
   }
