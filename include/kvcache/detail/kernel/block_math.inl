@@ -19,37 +19,6 @@ struct VecFor<float> {
 template <class Acc>
 using VecOf = typename VecFor<Acc>::type;
 
-/// sum_c a[c] over c in [0, n), in an order fixed by n alone: lane l of kLanes sums the a[i]
-/// with i % kLanes == l, the lanes are added pairwise in a fixed tree (lane l += lane l + w for
-/// w = kLanes / 2, ..., 1), the tail last. (A reduction that peels to alignment would make the
-/// last bits depend on where a buffer sits.) The lanes are kLanes / width vectors, so the
-/// tree's first steps, across vectors, are vector additions; every variant adds in the same
-/// order.
-template <class Acc>
-Acc fixed_order_sum(const Acc* a, Index n) {
-  using V = VecOf<Acc>;
-  static_assert(kLanes % V::width == 0, "kvcache: the sum's lanes fill whole vectors");
-  constexpr int kVectors = static_cast<int>(kLanes / V::width);
-  V lane[kVectors];
-  #pragma GCC unroll 16
-  for (int k = 0; k < kVectors; ++k) lane[k] = V::zero();
-  Index c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    #pragma GCC unroll 16
-    for (int k = 0; k < kVectors; ++k) lane[k] = V::add(lane[k], V::load(a + c + k * V::width));
-  #pragma GCC unroll 16
-  for (int half = kVectors / 2; half >= 1; half /= 2)
-    #pragma GCC unroll 16
-    for (int k = 0; k < half; ++k) lane[k] = V::add(lane[k], lane[k + half]);
-  Acc first[V::width];
-  lane[0].store(first);
-  for (Index width = V::width / 2; width >= 1; width /= 2)
-    for (Index l = 0; l < width; ++l) first[l] += first[l + width];
-  Acc tail = 0;
-  for (; c < n; ++c) tail += a[c];
-  return first[0] + tail;
-}
-
 /// Whether some w[j], j in [0, n), is 0, for weights w[j] >= 0 (exponentials times a
 /// positive scale) or NaN (ignored: a NaN weight makes its row NaN anyway): their minimum, a
 /// vector at a time.
@@ -193,13 +162,26 @@ void score_block(const Acc* queries, Index num_rows, Index head_dim,
 }
 
 /// The softmax weights of a row of scores relative to `max`: s[j] = exp(s[j] - max), exactly 0
-/// where s[j] is -inf (a masked key). Lanes past the last whole vector use std::exp, by index.
+/// where s[j] is -inf (a masked key); returns their sum. Lanes past the last whole vector use
+/// std::exp, by index. The sum adds in an order fixed by n alone (never by where the scores
+/// sit): lane l of a vector sums the weights j with j % width == l over the whole vectors, the
+/// lanes are added by V::sum_lanes's fixed tree, then the tail one by one.
 template <class Acc>
-void exp_weights(Acc* s, Index n, Acc max) {
+Acc exp_weights(Acc* s, Index n, Acc max) {
   using V = VecOf<Acc>;
   Index j = 0;
-  for (; j + V::width <= n; j += V::width) V::exp_shifted(V::load(s + j), max).store(s + j);
-  for (; j < n; ++j) s[j] = s[j] == -std::numeric_limits<Acc>::infinity() ? Acc(0) : std::exp(s[j] - max);
+  V total = V::zero();
+  for (; j + V::width <= n; j += V::width) {
+    const V weights = V::exp_shifted(V::load(s + j), max);
+    weights.store(s + j);
+    total = V::add(total, weights);
+  }
+  Acc sum = V::sum_lanes(total);
+  for (; j < n; ++j) {
+    s[j] = s[j] == -std::numeric_limits<Acc>::infinity() ? Acc(0) : std::exp(s[j] - max);
+    sum += s[j];
+  }
+  return sum;
 }
 
 /// acc[r][c] += weight[r] * value[c] for `Rows` accumulator rows and one value row: the value

@@ -30,8 +30,7 @@ void softmax_step(const ItemRows<Acc>& rows, Index row, const MaskRules& mask,
   SoftmaxState<Acc>& state = rows.states[row];
   state.rescale(std::max(state.max, block_max), rows.head_dim);
   // Invariant: state.sum, state.acc are relative to state.max >= every score so far.
-  exp_weights(scores, n, state.max);
-  state.sum += fixed_order_sum(scores, n);
+  state.sum += exp_weights(scores, n, state.max);
   if (score.value_scale != Acc(1))
     for (Index j = 0; j < n; ++j) scores[j] *= score.value_scale;
 }

@@ -53,6 +53,137 @@ void dequantize_values(const std::uint8_t* block, const QuantBlockFormat<Bits>& 
   }
 }
 
+/// Asks for the cache lines [first, first + lines) of a block spread over `steps` calls: call j
+/// fetches its share, so a loop of `steps` iterations keeps the stream busy throughout (the
+/// parts of a quantized block are not read in address order, and a block spans pages, which
+/// stops the hardware prefetcher). base nullptr: nothing.
+struct SpreadPrefetch {
+  const std::uint8_t* base = nullptr;
+  Index lines = 0;
+  Index per_step = 1;
+
+  static SpreadPrefetch of(const std::uint8_t* from, Index bytes, Index steps) {
+    const Index lines = (bytes + kCacheLine - 1) / kCacheLine;
+    return {from, lines, (lines + steps - 1) / steps};
+  }
+  void operator()(Index j) const {
+    if (base == nullptr) return;
+    const Index end = std::min(lines, (j + 1) * per_step);
+    for (Index line = j * per_step; line < end; ++line) FloatVec::prefetch(base + line * kCacheLine);
+  }
+};
+
+/// Columns [c, c + Strip * width) of acc[r] += sum_t w[r][t] * (zero[t][g] + scale[t][g] *
+/// code[t][c]) for Rows rows over the n tokens of a block: each value vector is dequantized in
+/// registers (one FMA, its group's zero and scale broadcast; group a multiple of the width, so a
+/// vector lies in one group) and used for every row. The same operations as dequantize_values
+/// followed by accumulate_rows over the dequantized rows.
+template <int Rows, int Strip, int Bits, class Acc, class Prefetch>
+KVCACHE_ALWAYS_INLINE void accumulate_codes_strip(Acc* const* acc, const Acc* weights,
+                                                  Index weight_stride, const std::uint8_t* codes,
+                                                  Index row_bytes, const Acc* scales,
+                                                  const Acc* zeros, Index groups, Index group,
+                                                  Index n, Index c, const Prefetch& prefetch) {
+  using V = VecOf<Acc>;
+  constexpr Index kWidth = V::width;
+  Index group_of[Strip];
+  #pragma GCC unroll 16
+  for (int s = 0; s < Strip; ++s) group_of[s] = (c + s * kWidth) / group;
+  V lane[Rows][Strip];
+  #pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r)
+    #pragma GCC unroll 16
+    for (int s = 0; s < Strip; ++s) lane[r][s] = V::load(acc[r] + c + s * kWidth);
+  // Invariant: lane[r][s] = acc[r][c + s * kWidth ...] plus the terms of tokens < t.
+  for (Index t = 0; t < n; ++t) {
+    prefetch(t);
+    V v[Strip];
+    #pragma GCC unroll 16
+    for (int s = 0; s < Strip; ++s)
+      v[s] = V::mul_add(V::template load_codes<Bits>(codes + t * row_bytes, c + s * kWidth),
+                        V::broadcast(scales[t * groups + group_of[s]]),
+                        V::broadcast(zeros[t * groups + group_of[s]]));
+    #pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r) {
+      const V w = V::broadcast(weights[r * weight_stride + t]);
+      #pragma GCC unroll 16
+      for (int s = 0; s < Strip; ++s) lane[r][s] = V::mul_add(w, v[s], lane[r][s]);
+    }
+  }
+  #pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r)
+    #pragma GCC unroll 16
+    for (int s = 0; s < Strip; ++s) lane[r][s].store(acc[r] + c + s * kWidth);
+}
+
+/// acc += P V for every row of a unit over the n tokens of a block whose value groups are whole
+/// vectors (head_dim and group multiples of the width), dequantizing in registers:
+/// accumulate_codes_strip over strips of V::accumulator_strip vectors, four rows at a time,
+/// then one. The first pass over the tokens runs `prefetch` token by token.
+template <int Bits, class Acc, class Prefetch>
+void accumulate_codes(const ItemRows<Acc>& rows, const Acc* weights, Index weight_stride,
+                      const std::uint8_t* codes, Index row_bytes, const Acc* scales,
+                      const Acc* zeros, Index group, Index n, const Prefetch& prefetch) {
+  using V = VecOf<Acc>;
+  constexpr int kStrip = V::accumulator_strip;
+  const Index head_dim = rows.head_dim, groups = head_dim / group;
+  const SpreadPrefetch none{};
+  auto strips = [&](auto rows_tag, Index row, bool first) {
+    constexpr int kRows = decltype(rows_tag)::value;
+    Acc* acc[kRows];
+    #pragma GCC unroll 16
+    for (int r = 0; r < kRows; ++r) acc[r] = rows.accumulators + (row + r) * head_dim;
+    const Acc* w = weights + row * weight_stride;
+    Index c = 0;
+    for (; c + kStrip * V::width <= head_dim; c += kStrip * V::width, first = false) {
+      if (first)
+        accumulate_codes_strip<kRows, kStrip, Bits>(acc, w, weight_stride, codes, row_bytes,
+                                                    scales, zeros, groups, group, n, c, prefetch);
+      else
+        accumulate_codes_strip<kRows, kStrip, Bits>(acc, w, weight_stride, codes, row_bytes,
+                                                    scales, zeros, groups, group, n, c, none);
+    }
+    for (; c < head_dim; c += V::width, first = false) {
+      if (first)
+        accumulate_codes_strip<kRows, 1, Bits>(acc, w, weight_stride, codes, row_bytes, scales,
+                                               zeros, groups, group, n, c, prefetch);
+      else
+        accumulate_codes_strip<kRows, 1, Bits>(acc, w, weight_stride, codes, row_bytes, scales,
+                                               zeros, groups, group, n, c, none);
+    }
+  };
+  Index row = 0;
+  for (; row + 4 <= rows.num_rows; row += 4) strips(std::integral_constant<int, 4>{}, row, row == 0);
+  for (; row < rows.num_rows; ++row) strips(std::integral_constant<int, 1>{}, row, row == 0);
+}
+
+/// Whether some value group of a block can dequantize to kBfloat16Max or beyond in magnitude
+/// (|zero| + scale * levels, the largest it can reach): such a block takes dequantize_values,
+/// which clamps as the reference dequantizer does.
+template <int Bits, class Acc>
+bool may_need_clamp(const Acc* scales, const Acc* zeros, Index count) {
+  using V = VecOf<Acc>;
+  const Acc levels = Acc(QuantBlockFormat<Bits>::levels);
+  Acc reach = 0;
+  Index i = 0;
+  if (count >= V::width) {
+    V high = V::zero();
+    const V top = V::broadcast(levels), minus_one = V::broadcast(Acc(-1));
+    for (; i + V::width <= count; i += V::width) {
+      const V scale = V::load(scales + i), zero = V::load(zeros + i);
+      // scale * levels + |zero| = max(scale * levels + zero, scale * levels - zero).
+      high = V::max(V::max(V::mul_add(scale, top, zero),
+                           V::mul_add(scale, top, V::mul(zero, minus_one))),
+                    high);
+    }
+    Acc lanes[V::width];
+    high.store(lanes);
+    for (Index l = 0; l < V::width; ++l) reach = std::max(reach, lanes[l]);
+  }
+  for (; i < count; ++i) reach = std::max(reach, scales[i] * levels + std::abs(zeros[i]));
+  return !(reach < static_cast<Acc>(kBfloat16Max));
+}
+
 template <int Bits, class Acc>
 void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
                              const ScoreParams<Acc>& score, const ItemRows<Acc>& rows,
@@ -69,12 +200,14 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
   Acc* const folded = key_zeros + head_dim;              // (num_rows, head_dim)
   Acc* const zero_terms = folded + num_rows * head_dim;  // (num_rows)
   Acc* const weights = zero_terms + num_rows;            // (num_rows, group)
-  Acc* const values = weights + num_rows * group;       // (group, head_dim)
+  Acc* const value_scales = weights + num_rows * group;  // (group, groups): as stored
+  Acc* const value_zeros = value_scales + head_dim;      // (group, groups)
+  Acc* const values = value_zeros + head_dim;            // (group, head_dim)
+  // Values dequantize in registers when a vector lies in one value group.
+  const bool whole_vectors = group % V::width == 0 && head_dim % V::width == 0;
 
   const std::uint8_t* const head_blocks = seg.blocks + rows.batch_idx * seg.batch_stride +
                                          rows.kv_head_idx * seg.head_stride;
-  const Index lines = (seg.bytes_per_block + kCacheLine - 1) / kCacheLine;
-  const Index lines_per_key = (lines + group - 1) / group;
   for (Index block_idx = 0; block_idx < seg.num_blocks; ++block_idx) {
     const std::uint8_t* const block = head_blocks + block_idx * seg.bytes_per_block;
     const Index first_p = seg.first_position + block_idx * group;
@@ -93,18 +226,12 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
     }
     score_block<Stored<Acc>>(rows.queries, num_rows, head_dim, key_zeros, 0, 1, zero_terms, 1,
                              [](Index) {});
-    // Scores: each key code row is read once for every row. Meanwhile the next block is
-    // fetched, a share per key: its parts are not read in address order, and it spans pages,
-    // which stops the hardware prefetcher.
+    // Scores: each key code row is read once for every row. Meanwhile the next block's keys
+    // (codes, zeros, scales) are fetched, a share per key; the value phase fetches its values.
     const std::uint8_t* const next = block_idx + 1 < seg.num_blocks ? block + seg.bytes_per_block
                                                                     : nullptr;
     score_block<Source>(folded, num_rows, head_dim, key_codes, row_bytes, group, weights, group,
-                        [&](Index j) {
-                          if (next == nullptr) return;
-                          const Index end = std::min(lines, (j + 1) * lines_per_key);
-                          for (Index line = j * lines_per_key; line < end; ++line)
-                            FloatVec::prefetch(next + line * kCacheLine);
-                        });
+                        SpreadPrefetch::of(next, format.value_codes_offset(), group));
     // Online softmax update per row; weights become exp(s - max), 0 where masked.
     for (Index row = 0; row < num_rows; ++row) {
       Acc* w = weights + row * group;
@@ -115,8 +242,19 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
       }
       softmax_step(rows, row, mask, score, w, group, first_p);
     }
-    dequantize_values(block, format, group, values);
-    accumulate_all_rows<Stored<Acc>>(rows.accumulators, num_rows, head_dim, head_dim, weights,
-                                     group, values, head_dim, group);
+    const SpreadPrefetch next_values = SpreadPrefetch::of(
+        next == nullptr ? nullptr : next + format.value_codes_offset(),
+        format.block_bytes() - format.value_codes_offset(), group);
+    widen_bfloat16(block + format.value_scales_offset(), head_dim, value_scales);
+    widen_bfloat16(block + format.value_zeros_offset(), head_dim, value_zeros);
+    if (whole_vectors && !may_need_clamp<Bits>(value_scales, value_zeros, head_dim)) {
+      accumulate_codes<Bits>(rows, weights, group, block + format.value_codes_offset(), row_bytes,
+                             value_scales, value_zeros, group, group, next_values);
+    } else {
+      for (Index t = 0; t < group; ++t) next_values(t);
+      dequantize_values(block, format, group, values);
+      accumulate_all_rows<Stored<Acc>>(rows.accumulators, num_rows, head_dim, head_dim, weights,
+                                       group, values, head_dim, group);
+    }
   }
 }

@@ -69,10 +69,6 @@ inline constexpr Index kTileRows = 16;
 /// Bytes of a cache line (x86-64 and most ARM cores): the unit of prefetching.
 inline constexpr Index kCacheLine = 64;
 
-/// Lanes of the fixed-order sum (block_math.inl's fixed_order_sum): enough independent
-/// partial sums for any vector width.
-inline constexpr int kLanes = 32;
-
 /// Where one work unit's scratch lives: num_rows softmax states and the Acc scratch.
 template <class Acc>
 struct UnitScratch {
@@ -82,9 +78,9 @@ struct UnitScratch {
 
 /// Scratch elements a quantized segment's blocks need for num_rows rows (group G, D channels):
 /// key scales and zeros (2D), per row the folded query (D), its zero term and the weights (G),
-/// then the block's values dequantized (G x D).
+/// value scales and zeros (2D), then the block's values dequantized (G x D).
 inline Index quantized_scratch_elements(Index num_rows, Index head_dim, Index group) {
-  return 2 * head_dim + num_rows * (head_dim + 1 + group) + group * head_dim;
+  return 4 * head_dim + num_rows * (head_dim + 1 + group) + group * head_dim;
 }
 
 /// Acc elements of scratch one work unit of num_rows rows needs: the score tile

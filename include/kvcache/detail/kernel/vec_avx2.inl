@@ -83,6 +83,13 @@ struct FloatVec {
     return {_mm256_blendv_ps(w, _mm256_setzero_ps(), masked)};
   }
 
+  /// The sum of the 8 lanes by a fixed tree: lane l += lane l + w for w = 4, 2, 1.
+  static float sum_lanes(FloatVec x) {
+    const __m128 fours = _mm_add_ps(_mm256_castps256_ps128(x.v), _mm256_extractf128_ps(x.v, 1));
+    const __m128 twos = _mm_add_ps(fours, _mm_movehl_ps(fours, fours));
+    return _mm_cvtss_f32(_mm_add_ss(twos, _mm_shuffle_ps(twos, twos, 1)));
+  }
+
   /// Dot products a reduction handles at once: a tile of 4 query rows x 2 keys, or 1 x 8.
   /// Vectors per accumulator row that accumulate_rows keeps in registers.
   static constexpr int accumulator_strip = 2;

@@ -81,6 +81,15 @@ struct FloatVec {
     return {_mm512_maskz_scalef_ps(static_cast<__mmask16>(~masked), y, n)};
   }
 
+  /// The sum of the 16 lanes by a fixed tree: lane l += lane l + w for w = 8, 4, 2, 1.
+  static float sum_lanes(FloatVec x) {
+    const __m256 eights = _mm256_add_ps(_mm512_maskz_extractf32x8_ps(0xFF, x.v, 0),
+                                        _mm512_maskz_extractf32x8_ps(0xFF, x.v, 1));
+    const __m128 fours = _mm_add_ps(_mm256_castps256_ps128(eights), _mm256_extractf128_ps(eights, 1));
+    const __m128 twos = _mm_add_ps(fours, _mm_movehl_ps(fours, fours));
+    return _mm_cvtss_f32(_mm_add_ss(twos, _mm_shuffle_ps(twos, twos, 1)));
+  }
+
   /// Dot products a reduction handles at once: a tile of 4 query rows x 4 keys, or 1 x 16.
   /// Vectors per accumulator row that accumulate_rows keeps in registers.
   static constexpr int accumulator_strip = 4;

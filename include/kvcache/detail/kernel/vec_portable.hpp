@@ -141,6 +141,8 @@ struct PortableVec {
     for (int i = 0; i < 4; ++i) out[i] = acc[i].sum();
   }
 
+  /// The sum of the lanes by a fixed tree: lane l += lane l + w for w = W/2, ..., 1.
+  static Acc sum_lanes(PortableVec x) { return x.sum(); }
 
   /// The lanes added pairwise in a fixed tree: (l0 + l_{W/2}) ... .
   Acc sum() const {
