@@ -6,7 +6,10 @@
 #include "support/reference.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
+#include <utility>
+#include <vector>
 
 using namespace kvtest;
 using kvcache::AttendOptions;
@@ -202,4 +205,95 @@ TEMPLATE_TEST_CASE("a query head's output does not depend on its GQA group", "[k
   int8.update(random_tensor<float, L>(1, 2, kv_len, head_dim, 66),
               random_tensor<float, L>(1, 2, kv_len, head_dim, 67));
   require_group_independent<float, L>(int8, rep, q_len, 68);
+}
+
+namespace {
+
+// A view of the same held positions as `contiguous`, its K/V copied into a pool of blocks of
+// block_size rows (pool blocks in reverse order, an unused block between any two).
+template <class T>
+struct PooledCopy {
+  std::vector<T> keys, values;
+  std::vector<std::int32_t> ids;
+  kvcache::detail::KVView<T> view;
+
+  PooledCopy(const kvcache::detail::KVView<T>& contiguous, Index block_size) {
+    const kvcache::detail::KVSegment<T>& seg = contiguous.segments[0];
+    const Index heads = contiguous.num_heads, head_dim = contiguous.head_dim;
+    const Index used = (seg.length + block_size - 1) / block_size, pool_blocks = 2 * used + 1;
+    for (Index b = 0; b < used; ++b) ids.push_back(std::int32_t(pool_blocks - 1 - 2 * b));
+    const Index block_stride = heads * block_size * head_dim;
+    keys.assign(std::size_t(pool_blocks * block_stride), T(0));
+    values = keys;
+    for (Index h = 0; h < heads; ++h)
+      for (Index i = 0; i < seg.length; ++i)
+        for (Index c = 0; c < head_dim; ++c) {
+          const Index from = h * seg.strides.head + i * seg.strides.seq + c;
+          const Index to = ids[std::size_t(i / block_size)] * block_stride +
+                           h * block_size * head_dim + i % block_size * head_dim + c;
+          keys[std::size_t(to)] = seg.keys[from];
+          values[std::size_t(to)] = seg.values[from];
+        }
+    view = contiguous;
+    view.num_segments = 0;
+    kvcache::detail::BlockTable<T> table;
+    table.keys = keys.data();
+    table.values = values.data();
+    table.ids = ids.data();
+    table.block_size = block_size;
+    table.block_stride = block_stride;
+    table.strides = {0, block_size * head_dim, head_dim};
+    table.first_position = seg.first_position;
+    table.length = seg.length;
+    view.add_block_table(table);
+  }
+};
+
+template <class T>
+Tensor4<T> attend_on_view(const Tensor4<T>& q, const kvcache::detail::KVView<T>& view,
+                          const AttendOptions& options) {
+  Tensor4<T> out(q.dimensions());
+  kvcache::AttendWorkspace workspace;
+  kvcache::detail::attend_view<kvcache::BHSD>("test", kvcache::detail::view_of(q), view, options,
+                                              out.data(), workspace);
+  return out;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("a block table gives the bits of the same positions stored contiguously",
+                   "[kernel]", float, double, Eigen::bfloat16) {
+  // The paged cache's view: positions in fixed-size pool blocks anywhere in the pool. The
+  // kernel cuts them into the same 64-position blocks as a contiguous run, so every answer is
+  // bit-identical, including split-K parts that start inside a pool block.
+  using T = TestType;
+  const Index kv_len = 150, head_dim = 24;
+  const Index block_size = GENERATE(16, 5, 64, 200);
+  const Index q_len = GENERATE(1, 3, 40);
+  const bool causal = GENERATE(true, false);
+  CAPTURE(block_size, q_len, causal);
+  kvcache::StaticKVCache<T> cache(1, kv_len, 2, head_dim);
+  cache.update(random_tensor<T, BHSD>(1, 2, kv_len, head_dim, 61),
+               random_tensor<T, BHSD>(1, 2, kv_len, head_dim, 62));
+  const PooledCopy<T> pooled(cache.attention_view(), block_size);
+  const Tensor4<T> q = random_tensor<T, BHSD>(1, 8, q_len, head_dim, 63, 3.0);
+  AttendOptions options;
+  options.causal = causal;
+  options.window = GENERATE(0, 37);
+  REQUIRE(equal(attend_on_view(q, pooled.view, options), kvcache::attend(q, cache, options)));
+
+  // Split-K parts: a run cut at held indices that fall inside pool blocks.
+  Eigen::ThreadPool pool(2);
+  Eigen::ThreadPoolDevice device(&pool, 2);
+  options.device = &device;
+  REQUIRE(equal(attend_on_view(q, pooled.view, options), kvcache::attend(q, cache, options)));
+  options.device = nullptr;
+  for (const auto& cut : {std::pair<Index, Index>{37, 120}, {64, 150}, {0, 5}}) {
+    CAPTURE(cut.first, cut.second);
+    options.causal = false;
+    options.window = 0;
+    REQUIRE(equal(attend_on_view(q, pooled.view.clipped(cut.first, cut.second), options),
+                  attend_on_view(q, cache.attention_view().clipped(cut.first, cut.second),
+                                 options)));
+  }
 }

@@ -43,16 +43,36 @@ struct QuantSegment {
   int bits = 0;  ///< 8 or 4
 };
 
-/// Everything the kernel reads of a cache: its segments, oldest first and non-overlapping, and
-/// the rules the cache itself imposes (a sliding window and its sinks). Valid until the cache
-/// is next modified. A quantized cache adds at most one QuantSegment, whose positions all
-/// precede those of the T segments (the kernel visits it first).
+/// A run of `length` consecutive absolute positions from `first_position` held in fixed-size
+/// blocks of a pool (PagedKVCache), one sequence (batch row 0): held index i (position
+/// first_position + i) is row (offset + i) % block_size of pool block ids[(offset + i) /
+/// block_size], and element c of head h of row r of pool block b is at
+/// keys / values + b * block_stride + h * strides.head + r * strides.seq + c.
+template <class T>
+struct BlockTable {
+  const T* keys = nullptr;
+  const T* values = nullptr;
+  const std::int32_t* ids = nullptr;
+  Index block_size = 0;
+  Index block_stride = 0;  ///< elements between pool blocks
+  Strides strides{0, 0, 0};  ///< within a block (batch unused)
+  Index offset = 0;          ///< rows of the first listed block before held index 0
+  Index first_position = 0;
+  Index length = 0;
+};
+
+/// Everything the kernel reads of a cache: its runs of positions, oldest first and
+/// non-overlapping, and the rules the cache itself imposes (a sliding window and its sinks).
+/// Valid until the cache is next modified. The kernel visits, in this order: at most one
+/// QuantSegment (a quantized cache's blocks), up to kMaxSegments T segments, then at most one
+/// BlockTable (a paged sequence's blocks, any number of them).
 template <class T>
 struct KVView {
   static constexpr int kMaxSegments = 4;
   std::array<KVSegment<T>, kMaxSegments> segments{};
   int num_segments = 0;
   QuantSegment quantized{};  ///< num_blocks 0: none
+  BlockTable<T> paged{};     ///< length 0: none
   Index batch_size = 0;
   Index num_heads = 0;
   Index head_dim = 0;
@@ -76,9 +96,15 @@ struct KVView {
     quantized = segment;
   }
 
-  /// Positions held: those of the quantized blocks and of every segment.
+  void add_block_table(const BlockTable<T>& table) {
+    if (table.length == 0) return;
+    assert(paged.length == 0 && "kvcache: one block table, after every other run");
+    paged = table;
+  }
+
+  /// Positions held: those of the quantized blocks, of every segment and of the block table.
   Index held_length() const {
-    Index n = quantized.num_blocks * quantized.group_size;
+    Index n = quantized.num_blocks * quantized.group_size + paged.length;
     for (int s = 0; s < num_segments; ++s) n += segments[static_cast<std::size_t>(s)].length;
     return n;
   }
@@ -88,6 +114,7 @@ struct KVView {
   KVView clipped(Index begin, Index end) const {
     KVView part = *this;
     part.quantized = QuantSegment{};
+    part.paged = BlockTable<T>{};
     part.num_segments = 0;
     Index offset = 0;  // held index of the current run's first position
     if (quantized.num_blocks > 0) {
@@ -115,6 +142,18 @@ struct KVView {
         part.add(cut);
       }
       offset += seg.length;
+    }
+    if (paged.length > 0) {
+      const Index from = std::max(begin, offset), to = std::min(end, offset + paged.length);
+      if (from < to) {
+        BlockTable<T> cut = paged;
+        const Index slot = paged.offset + (from - offset);
+        cut.ids += slot / paged.block_size;
+        cut.offset = slot % paged.block_size;
+        cut.first_position += from - offset;
+        cut.length = to - from;
+        part.paged = cut;
+      }
     }
     return part;
   }

@@ -122,14 +122,13 @@ KVCACHE_ALWAYS_INLINE void dot_tile(const Acc* const* rows,
   if (c < head_dim) dot_tail<Rows, Keys, Source>(rows, keys, c, head_dim, out);
 }
 
-/// Scores of n keys (key j at keys + j * key_stride) for num_rows query rows (row r at
-/// queries + r * head_dim): out[r * out_stride + j] = q_r . k_j. Tiles of 4 rows x
+/// Scores of n keys (key j at key_rows(j), a RowsOf) for num_rows query rows
+/// (row r at queries + r * head_dim): out[r * out_stride + j] = q_r . k_j. Tiles of 4 rows x
 /// (tile_dots / 4) keys, or 1 x tile_dots when there is one row; a partial tile repeats its
 /// last row or key. `before_key(j)` runs before the tile holding key j is computed (prefetch).
-template <class Source, class Acc, class BeforeKey>
-void score_block(const Acc* queries, Index num_rows, Index head_dim,
-                 const typename Source::Element* keys, Index key_stride, Index n, Acc* out,
-                 Index out_stride, BeforeKey&& before_key) {
+template <class Source, class Acc, class KeyRows, class BeforeKey>
+void score_block(const Acc* queries, Index num_rows, Index head_dim, const KeyRows& key_rows,
+                 Index n, Acc* out, Index out_stride, BeforeKey&& before_key) {
   using V = VecOf<Acc>;
   using Element = typename Source::Element;
   constexpr int kDots = V::tile_dots;
@@ -140,7 +139,7 @@ void score_block(const Acc* queries, Index num_rows, Index head_dim,
       #pragma GCC unroll 16
       for (int k = 0; k < kKeys; ++k) {
         const Index at = std::min(j + k, n - 1);
-        key[k] = keys + at * key_stride;
+        key[k] = key_rows(at);
         if (j + k < n) before_key(j + k);
       }
       for (Index row = 0; row < num_rows; row += kRows) {
@@ -203,34 +202,34 @@ void axpy_rows(Acc* const* acc, const Acc* weight, const T* value, Index head_di
     for (int r = 0; r < Rows; ++r) acc[r][c] += weight[r] * static_cast<Acc>(value[c]);
 }
 
-/// Asks for the cache lines of rows [0, rows) of a K/V block (row j at base + j * stride
-/// bytes, `bytes` long) one row at a time, as a loop reaches row j: the memory streams stay
-/// busy while the loop computes. rows 0: nothing.
+/// Asks for the cache lines of rows [0, count) of a K/V block (row j at rows(j), `bytes`
+/// long) one row at a time, as a loop reaches row j: the memory streams stay busy while the
+/// loop computes. count 0: nothing.
+template <class T>
 struct RowPrefetch {
-  const char* base = nullptr;
-  Index stride = 0;
-  Index rows = 0;
+  RowsOf<T> rows{};
+  Index count = 0;
   Index bytes = 0;
 
-  template <class Element>
-  static RowPrefetch of(const Element* first_row, Index row_stride, Index rows, Index row_length) {
-    return {reinterpret_cast<const char*>(first_row), row_stride * Index(sizeof(Element)), rows,
-            row_length * Index(sizeof(Element))};
-  }
   void operator()(Index j) const {
-    if (j >= rows) return;
-    for (Index b = 0; b < bytes; b += kCacheLine) FloatVec::prefetch(base + j * stride + b);
+    if (j >= count) return;
+    const char* start = reinterpret_cast<const char*>(rows(j));
+    for (Index b = 0; b < bytes; b += kCacheLine) FloatVec::prefetch(start + b);
   }
 };
 
+/// The prefetch of the rows of a block, head_dim elements each.
+template <class T>
+RowPrefetch<T> prefetch_rows(const RowsOf<T>& rows, Index count, Index head_dim) {
+  return {rows, count, head_dim * Index(sizeof(T))};
+}
+
 /// Columns [c, c + Strip * width) of accumulate_rows: Rows * Strip accumulators stay in
 /// registers while the n value rows stream past, each weight broadcast once per Strip vectors.
-template <int Rows, int Strip, class Source, class Acc>
+template <int Rows, int Strip, class Source, class Acc, class ValueRows, class Prefetch>
 KVCACHE_ALWAYS_INLINE void accumulate_strip(Acc* const* acc, const Acc* weights,
-                                            Index weight_stride,
-                                            const typename Source::Element* values,
-                                            Index value_stride, Index n, Index c,
-                                            const RowPrefetch& prefetch) {
+                                            Index weight_stride, const ValueRows& value_rows,
+                                            Index n, Index c, const Prefetch& prefetch) {
   using V = VecOf<Acc>;
   constexpr Index kWidth = V::width;
   V lane[Rows][Strip];
@@ -241,7 +240,7 @@ KVCACHE_ALWAYS_INLINE void accumulate_strip(Acc* const* acc, const Acc* weights,
   // Invariant: lane[r][s] = acc[r][c + s * kWidth ...] plus the terms of value rows < j.
   for (Index j = 0; j < n; ++j) {
     prefetch(j);
-    const auto* value = values + j * value_stride;
+    const auto* value = value_rows(j);
     V v[Strip];
     #pragma GCC unroll 16
     for (int s = 0; s < Strip; ++s) v[s] = load_from<Source, V>(value, c + s * kWidth);
@@ -264,57 +263,51 @@ KVCACHE_ALWAYS_INLINE void accumulate_strip(Acc* const* acc, const Acc* weights,
 /// accumulators), so each accumulator is loaded and stored once per block. Element (r, c)
 /// receives exactly the operations of n calls of axpy_rows, in the same order, whatever strip
 /// it falls in. The first strip runs `prefetch` row by row.
-template <int Rows, class Source, class Acc>
+template <int Rows, class Source, class Acc, class ValueRows, class Prefetch>
 KVCACHE_ALWAYS_INLINE void accumulate_rows(Acc* const* acc, const Acc* weights, Index weight_stride,
-                                           const typename Source::Element* values,
-                                           Index value_stride, Index n, Index head_dim,
-                                           RowPrefetch prefetch) {
+                                           const ValueRows& value_rows, Index n, Index head_dim,
+                                           Prefetch prefetch) {
   using V = VecOf<Acc>;
   constexpr Index kWidth = V::width;
   constexpr int kStrip = V::accumulator_strip;
   Index c = 0;
-  for (; c + kStrip * kWidth <= head_dim; c += kStrip * kWidth, prefetch = RowPrefetch{})
-    accumulate_strip<Rows, kStrip, Source>(acc, weights, weight_stride, values, value_stride, n, c,
-                                           prefetch);
+  for (; c + kStrip * kWidth <= head_dim; c += kStrip * kWidth, prefetch = Prefetch{})
+    accumulate_strip<Rows, kStrip, Source>(acc, weights, weight_stride, value_rows, n, c, prefetch);
   if constexpr (kStrip > 2) {
-    for (; c + 2 * kWidth <= head_dim; c += 2 * kWidth, prefetch = RowPrefetch{})
-      accumulate_strip<Rows, 2, Source>(acc, weights, weight_stride, values, value_stride, n, c,
-                                        prefetch);
+    for (; c + 2 * kWidth <= head_dim; c += 2 * kWidth, prefetch = Prefetch{})
+      accumulate_strip<Rows, 2, Source>(acc, weights, weight_stride, value_rows, n, c, prefetch);
   }
-  for (; c + kWidth <= head_dim; c += kWidth, prefetch = RowPrefetch{})
-    accumulate_strip<Rows, 1, Source>(acc, weights, weight_stride, values, value_stride, n, c,
-                                      prefetch);
+  for (; c + kWidth <= head_dim; c += kWidth, prefetch = Prefetch{})
+    accumulate_strip<Rows, 1, Source>(acc, weights, weight_stride, value_rows, n, c, prefetch);
   for (Index j = 0; j < n; ++j) {
     prefetch(j);
     for (Index cc = c; cc < head_dim; ++cc)
       #pragma GCC unroll 16
       for (int r = 0; r < Rows; ++r)
-        acc[r][cc] += weights[r * weight_stride + j] *
-                      Source::template scalar<Acc>(values + j * value_stride, cc);
+        acc[r][cc] += weights[r * weight_stride + j] * Source::template scalar<Acc>(value_rows(j), cc);
   }
 }
 
 /// acc += P V for num_rows accumulator rows of `columns` columns (row r at accumulators +
-/// r * row_stride, its weights at weights + r * weight_stride) over n value rows: four rows at
-/// a time through accumulate_rows, the rest one at a time. The first pass over the value rows
-/// runs `prefetch` row by row.
-template <class Source, class Acc>
+/// r * row_stride, its weights at weights + r * weight_stride) over n value rows (row j at
+/// value_rows(j)): four rows at a time through accumulate_rows, the rest one at a time. The
+/// first pass over the value rows runs `prefetch` row by row.
+template <class Source, class Acc, class ValueRows, class Prefetch = RowPrefetch<Acc>>
 void accumulate_all_rows(Acc* accumulators, Index num_rows, Index row_stride, Index columns,
-                         const Acc* weights, Index weight_stride,
-                         const typename Source::Element* values, Index value_stride, Index n,
-                         RowPrefetch prefetch = {}) {
+                         const Acc* weights, Index weight_stride, const ValueRows& value_rows,
+                         Index n, Prefetch prefetch = {}) {
   Index row = 0;
-  for (; row + 4 <= num_rows; row += 4, prefetch = RowPrefetch{}) {
+  for (; row + 4 <= num_rows; row += 4, prefetch = Prefetch{}) {
     Acc* acc[4];
     #pragma GCC unroll 16
     for (int r = 0; r < 4; ++r) acc[r] = accumulators + (row + r) * row_stride;
-    accumulate_rows<4, Source>(acc, weights + row * weight_stride, weight_stride, values,
-                               value_stride, n, columns, prefetch);
+    accumulate_rows<4, Source>(acc, weights + row * weight_stride, weight_stride, value_rows, n,
+                               columns, prefetch);
   }
-  for (; row < num_rows; ++row, prefetch = RowPrefetch{}) {
+  for (; row < num_rows; ++row, prefetch = Prefetch{}) {
     Acc* acc[1] = {accumulators + row * row_stride};
-    accumulate_rows<1, Source>(acc, weights + row * weight_stride, weight_stride, values,
-                               value_stride, n, columns, prefetch);
+    accumulate_rows<1, Source>(acc, weights + row * weight_stride, weight_stride, value_rows, n,
+                               columns, prefetch);
   }
 }
 
@@ -370,14 +363,13 @@ void tile_scores(const Acc* queries, Index num_rows, Index head_dim, const Acc* 
   }
 }
 
-/// keys_t[c][j] = key j's element c, widened to Acc, for the n keys of a block (rows
-/// seq_stride apart); columns n .. up to a whole vector are zeros. `row` is head_dim scratch.
+/// keys_t[c][j] = key j's element c, widened to Acc, for the n keys of a block (key j at
+/// keys(j)); columns n .. up to a whole vector are zeros. `row` is head_dim scratch.
 template <class Acc, class T>
-void transpose_keys(const T* keys, Index seq_stride, Index n, Index head_dim, Acc* keys_t,
-                    Acc* row) {
+void transpose_keys(const RowsOf<T>& keys, Index n, Index head_dim, Acc* keys_t, Acc* row) {
   using V = VecOf<Acc>;
   for (Index j = 0; j < n; ++j) {
-    const T* key = keys + j * seq_stride;
+    const T* key = keys(j);
     Index c = 0;
     for (; c + V::width <= head_dim; c += V::width) V::load(key + c).store(row + c);
     for (; c < head_dim; ++c) row[c] = static_cast<Acc>(key[c]);

@@ -49,20 +49,19 @@ void apply_softcap(Acc* tile, Index num_rows, Index n, Acc softcap) {
 /// fetched (and block_values fetches its value rows the same way): each phase keeps its own
 /// stream busy one block ahead, so the bus works during the arithmetic of both.
 template <class T, class Acc>
-void decode_scores(const ItemRows<Acc>& rows, const T* keys, Index seq_stride, Index n,
-                   const NextBlock<T>& next, Acc* tile) {
-  const RowPrefetch prefetch = RowPrefetch::of(next.keys, seq_stride, next.length, rows.head_dim);
-  score_block<Stored<T>>(rows.queries, rows.num_rows, rows.head_dim, keys, seq_stride, n, tile,
-                         kKeyBlock, prefetch);
+void decode_scores(const ItemRows<Acc>& rows, const BlockRows<T>& block, Acc* tile) {
+  score_block<Stored<T>>(rows.queries, rows.num_rows, rows.head_dim, block.keys, block.length,
+                         tile, kKeyBlock,
+                         prefetch_rows(block.next_keys, block.next_length, rows.head_dim));
 }
 
-/// Whether every element of n value rows is finite (a masked key's weight is 0, and 0 * inf is
-/// NaN: such a block must skip masked keys one by one).
+/// Whether every element of the value rows of a block is finite (a masked key's weight is 0,
+/// and 0 * inf is NaN: such a block must skip masked keys one by one).
 template <class Acc, class T>
-bool all_finite(const T* values, Index seq_stride, Index n, Index head_dim) {
-  for (Index j = 0; j < n; ++j)
+bool all_finite(const BlockRows<T>& block, Index head_dim) {
+  for (Index j = 0; j < block.length; ++j)
     for (Index c = 0; c < head_dim; ++c)
-      if (!(Eigen::numext::isfinite)(static_cast<Acc>(values[j * seq_stride + c]))) return false;
+      if (!(Eigen::numext::isfinite)(static_cast<Acc>(block.values(j)[c]))) return false;
   return true;
 }
 
@@ -70,43 +69,42 @@ bool all_finite(const T* values, Index seq_stride, Index n, Index head_dim) {
 /// weight is zero and the block holds a non-finite value, zero weights are skipped key by key,
 /// so a masked inf or NaN value cannot reach a row; otherwise accumulate_all_rows.
 template <class T, class Acc>
-void block_values(const ItemRows<Acc>& rows, const Acc* weights, const T* values,
-                  Index seq_stride, Index n, const NextBlock<T>& next) {
-  const Index head_dim = rows.head_dim;
+void block_values(const ItemRows<Acc>& rows, const Acc* weights, const BlockRows<T>& block) {
+  const Index head_dim = rows.head_dim, n = block.length;
   bool has_zero = false;
   for (Index row = 0; row < rows.num_rows && !has_zero; ++row)
     has_zero = any_zero_weight(weights + row * kKeyBlock, n);
-  if (!has_zero || all_finite<Acc>(values, seq_stride, n, head_dim)) {
-    accumulate_all_rows<Stored<T>>(
-        rows.accumulators, rows.num_rows, head_dim, head_dim, weights, kKeyBlock, values,
-        seq_stride, n, RowPrefetch::of(next.values, seq_stride, next.length, head_dim));
+  if (!has_zero || all_finite<Acc>(block, head_dim)) {
+    accumulate_all_rows<Stored<T>>(rows.accumulators, rows.num_rows, head_dim, head_dim, weights,
+                                   kKeyBlock, block.values, n,
+                                   prefetch_rows(block.next_values, block.next_length, head_dim));
     return;
   }
   for (Index row = 0; row < rows.num_rows; ++row) {
     Acc* acc[1] = {rows.accumulators + row * head_dim};
     for (Index j = 0; j < n; ++j) {
       const Acc weight = weights[row * kKeyBlock + j];
-      if (weight != Acc(0)) axpy_rows<1>(acc, &weight, values + j * seq_stride, head_dim);
+      if (weight != Acc(0)) axpy_rows<1>(acc, &weight, block.values(j), head_dim);
     }
   }
 }
 
-/// One block of n keys/values of a T segment at positions first_p, ... for every row of a unit:
-/// scores (decode: dot products in place; prefill: a tile over the keys transposed into
-/// `keys_t`, kKeyBlock x head_dim plus a head_dim row buffer), softcap, the online softmax per
-/// row, then acc += P V; `next` is prefetched meanwhile.
+/// One block of keys/values of T for every row of a unit: scores (decode: dot products in
+/// place; prefill: a tile over the keys transposed into `keys_t`, kKeyBlock x head_dim plus a
+/// head_dim row buffer), softcap, the online softmax per row, then acc += P V; the next block
+/// is prefetched meanwhile.
 template <class T, class Acc>
 void attend_block(const ItemRows<Acc>& rows, const MaskRules& mask, const ScoreParams<Acc>& score,
-                  const T* keys, const T* values, Index seq_stride, Index n, Index first_p,
-                  const NextBlock<T>& next, Acc* tile, Acc* keys_t) {
+                  const BlockRows<T>& block, Acc* tile, Acc* keys_t) {
+  const Index n = block.length;
   if (rows.num_rows >= kTileRows) {
-    transpose_keys(keys, seq_stride, n, rows.head_dim, keys_t, keys_t + kKeyBlock * rows.head_dim);
+    transpose_keys(block.keys, n, rows.head_dim, keys_t, keys_t + kKeyBlock * rows.head_dim);
     tile_scores(rows.queries, rows.num_rows, rows.head_dim, keys_t, n, tile);
   } else {
-    decode_scores(rows, keys, seq_stride, n, next, tile);
+    decode_scores(rows, block, tile);
   }
   if (score.softcap > 0) apply_softcap(tile, rows.num_rows, n, score.softcap);
   for (Index row = 0; row < rows.num_rows; ++row)
-    softmax_step(rows, row, mask, score, tile + row * kKeyBlock, n, first_p);
-  block_values(rows, tile, values, seq_stride, n, next);
+    softmax_step(rows, row, mask, score, tile + row * kKeyBlock, n, block.first_position);
+  block_values(rows, tile, block);
 }

@@ -224,13 +224,14 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
         V::mul(V::load(q + c), V::load(key_scales + c)).store(f + c);
       for (; c < head_dim; ++c) f[c] = q[c] * key_scales[c];
     }
-    score_block<Stored<Acc>>(rows.queries, num_rows, head_dim, key_zeros, 0, 1, zero_terms, 1,
-                             [](Index) {});
+    score_block<Stored<Acc>>(rows.queries, num_rows, head_dim, RowsOf<Acc>{nullptr, key_zeros, 0}, 1,
+                             zero_terms, 1, [](Index) {});
     // Scores: each key code row is read once for every row. Meanwhile the next block's keys
     // (codes, zeros, scales) are fetched, a share per key; the value phase fetches its values.
     const std::uint8_t* const next = block_idx + 1 < seg.num_blocks ? block + seg.bytes_per_block
                                                                     : nullptr;
-    score_block<Source>(folded, num_rows, head_dim, key_codes, row_bytes, group, weights, group,
+    score_block<Source>(folded, num_rows, head_dim, RowsOf<std::uint8_t>{nullptr, key_codes, row_bytes},
+                        group, weights, group,
                         SpreadPrefetch::of(next, format.value_codes_offset(), group));
     // Online softmax update per row; weights become exp(s - max), 0 where masked.
     for (Index row = 0; row < num_rows; ++row) {
@@ -254,7 +255,7 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
       for (Index t = 0; t < group; ++t) next_values(t);
       dequantize_values(block, format, group, values);
       accumulate_all_rows<Stored<Acc>>(rows.accumulators, num_rows, head_dim, head_dim, weights,
-                                       group, values, head_dim, group);
+                                       group, RowsOf<Acc>{nullptr, values, head_dim}, group);
     }
   }
 }

@@ -127,12 +127,14 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
   }
 }
 
-/// One block of `block_len` keys/values of a T segment, at absolute positions first_p, ... :
-/// the scalar twin. Per row, per key: the mask rule, a dot product, the online update.
+/// One block of keys/values of T (a segment's or a block table's), at absolute positions
+/// block.first_position, ... : the scalar twin. Per row, per key: the mask rule, a dot
+/// product, the online update.
 template <class T, class Acc>
 void attend_block_reference(const ItemRows<Acc>& rows, const MaskRules& mask,
-                            const ScoreParams<Acc>& score, const T* keys, const T* values,
-                            Index seq_stride, Index block_len, Index first_p, Acc* scores) {
+                            const ScoreParams<Acc>& score, const BlockRows<T>& block,
+                            Acc* scores) {
+  const Index block_len = block.length, first_p = block.first_position;
   const Acc minus_infinity = -std::numeric_limits<Acc>::infinity();
   const Index head_dim = rows.head_dim;
   for (Index row = 0; row < rows.num_rows; ++row) {
@@ -146,7 +148,7 @@ void attend_block_reference(const ItemRows<Acc>& rows, const MaskRules& mask,
         scores[j] = minus_infinity;
         continue;
       }
-      const T* krow = keys + j * seq_stride;
+      const T* krow = block.keys(j);
       Acc dot = 0;
       for (Index c = 0; c < head_dim; ++c) dot += qrow[c] * static_cast<Acc>(krow[c]);
       if (score.softcap > 0) dot = score.softcap * std::tanh(dot / score.softcap);
@@ -163,14 +165,15 @@ void attend_block_reference(const ItemRows<Acc>& rows, const MaskRules& mask,
       const Acc probability = std::exp(scores[j] - state.max);
       state.sum += probability;
       const Acc weight = probability * score.value_scale;
-      const T* vrow = values + j * seq_stride;
+      const T* vrow = block.values(j);
       for (Index c = 0; c < head_dim; ++c) state.acc[c] += weight * static_cast<Acc>(vrow[c]);
     }
   }
 }
 
 /// One work unit computed by the twin (UnitFunction): the quantized blocks first (their
-/// positions precede every T segment's), then the T segments block by block.
+/// positions precede every T segment's), then the T segments and the block table, block by
+/// block.
 template <class T, class Acc>
 void attend_unit(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& mask,
                  const ScoreParams<Acc>& score, Index batch_idx, Index kv_head_idx, Index q_begin,
@@ -188,16 +191,15 @@ void attend_unit(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& ma
     else
       attend_quantized_blocks<4>(kv.quantized, mask, score, batch_idx, kv_head_idx, rows);
   }
+  const Index first_t = rows.row_position(0), last_t = rows.row_position(rows.rows_per_head - 1);
+  auto block = [&](const BlockRows<T>& block_rows) {
+    attend_block_reference(rows, mask, score, block_rows, scores);
+  };
   for (int s = 0; s < kv.num_segments; ++s)
-    for_each_visible_block(
-        kv.segments[static_cast<std::size_t>(s)], mask, batch_idx, kv_head_idx,
-        rows.row_position(0), rows.row_position(rows.rows_per_head - 1),
-        [&](const T* keys, const T* values, Index block_len, Index first_p,
-            const NextBlock<T>&) {
-          attend_block_reference(rows, mask, score, keys, values,
-                                 kv.segments[static_cast<std::size_t>(s)].strides.seq, block_len,
-                                 first_p, scores);
-        });
+    for_each_visible_block(kv.segments[static_cast<std::size_t>(s)], mask, batch_idx, kv_head_idx,
+                           first_t, last_t, block);
+  if (kv.paged.length > 0)
+    for_each_visible_block(kv.paged, mask, kv_head_idx, first_t, last_t, block);
 }
 
 }  // namespace reference

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 /// Forces a small hot function (a vector loop of the kernel) into its caller, so its
 /// accumulators stay in registers across the caller's loop. An attribute: no template or
@@ -165,34 +166,93 @@ ItemRows<Acc> prepare_rows(const QueryArgs<T>& q, Index num_kv_heads, const Scor
                        q.first_position + q_begin, rows_per_head, batch_idx, kv_head_idx};
 }
 
-/// The block after the one a kernel works on, in the same segment: what it prefetches
-/// meanwhile (length 0: none).
+/// The K (or V) rows of one block of the kernel: listed one by one (row j at listed[j]: a block
+/// of a paged cache spans pool blocks anywhere in memory), or at a fixed stride (row j at
+/// first + j * stride: a segment). One type for both, so the kernel is compiled once.
 template <class T>
-struct NextBlock {
-  const T* keys = nullptr;
-  const T* values = nullptr;
-  Index length = 0;
+struct RowsOf {
+  const T* const* listed = nullptr;
+  const T* first = nullptr;
+  Index stride = 0;
+  const T* operator()(Index j) const { return listed != nullptr ? listed[j] : first + j * stride; }
 };
 
-/// The blocks of a segment a unit visits: calls visit(keys, values, block_len, first_p, next)
-/// for each block of kKeyBlock positions (the last may be shorter) that a row at positions
-/// [first_t, last_t] can see, in position order; next is the following block of the segment.
+/// One block of the kernel over T rows: `length` <= kKeyBlock consecutive positions from
+/// first_position; and the rows of the following block of the same run (next_length 0: none),
+/// which the kernel prefetches meanwhile.
+template <class T>
+struct BlockRows {
+  RowsOf<T> keys, values;
+  Index length;
+  Index first_position;
+  RowsOf<T> next_keys, next_values;
+  Index next_length;
+};
+
+/// The blocks of a run of `length` positions from first_position that a row at positions
+/// [first_t, last_t] can see, in position order: calls visit(BlockRows) for each block of
+/// kKeyBlock positions (the last may be shorter). rows_of(begin, count, table) gives the rows
+/// of held indices [begin, begin + count) as a (keys, values) pair; `table` (0 or 1) names
+/// where a run that lists rows may list them: the current and the next block use different
+/// ones.
+template <class T, class RowsOfRange, class Visit>
+void for_each_visible_run_block(Index first_position, Index length, const MaskRules& mask,
+                                Index first_t, Index last_t, RowsOfRange&& rows_of,
+                                Visit&& visit) {
+  int table = 0;
+  for (Index block_begin = 0; block_begin < length; block_begin += kKeyBlock, table ^= 1) {
+    const Index block_len = std::min(kKeyBlock, length - block_begin);
+    const Index first_p = first_position + block_begin;
+    if (mask.past_end(last_t, first_p)) break;  // positions only grow within a run
+    if (mask.before_window(first_t, first_p, first_p + block_len - 1)) continue;
+    const Index next_len = std::clamp<Index>(length - block_begin - kKeyBlock, 0, kKeyBlock);
+    const auto current = rows_of(block_begin, block_len, table);
+    const auto next = rows_of(block_begin + kKeyBlock, next_len, table ^ 1);
+    visit(BlockRows<T>{current.first, current.second, block_len, first_p, next.first,
+                       next.second, next_len});
+  }
+}
+
+/// for_each_visible_run_block over a segment of one (batch row, KV head): strided rows.
 template <class T, class Visit>
 void for_each_visible_block(const KVSegment<T>& seg, const MaskRules& mask, Index batch_idx,
                             Index kv_head_idx, Index first_t, Index last_t, Visit&& visit) {
   const Index head_offset = batch_idx * seg.strides.batch + kv_head_idx * seg.strides.head;
-  for (Index block_begin = 0; block_begin < seg.length; block_begin += kKeyBlock) {
-    const Index block_len = std::min(kKeyBlock, seg.length - block_begin);
-    const Index first_p = seg.first_position + block_begin;
-    if (mask.past_end(last_t, first_p)) break;  // positions only grow within a segment
-    if (mask.before_window(first_t, first_p, first_p + block_len - 1)) continue;
-    const T* keys = seg.keys + head_offset + block_begin * seg.strides.seq;
-    const T* values = seg.values + head_offset + block_begin * seg.strides.seq;
-    const Index next_len = std::clamp<Index>(seg.length - block_begin - kKeyBlock, 0, kKeyBlock);
-    const Index next_offset = next_len > 0 ? kKeyBlock * seg.strides.seq : 0;
-    visit(keys, values, block_len, first_p,
-          NextBlock<T>{keys + next_offset, values + next_offset, next_len});
-  }
+  for_each_visible_run_block<T>(
+      seg.first_position, seg.length, mask, first_t, last_t,
+      [&](Index begin, Index, int) {
+        const Index at = head_offset + begin * seg.strides.seq;
+        return std::make_pair(RowsOf<T>{nullptr, seg.keys + at, seg.strides.seq},
+                              RowsOf<T>{nullptr, seg.values + at, seg.strides.seq});
+      },
+      visit);
+}
+
+/// for_each_visible_run_block over a block table of one KV head (batch row 0): listed rows,
+/// each block's listed once (as the next block of the one before, or when first visited).
+template <class T, class Visit>
+void for_each_visible_block(const BlockTable<T>& table, const MaskRules& mask, Index kv_head_idx,
+                            Index first_t, Index last_t, Visit&& visit) {
+  const Index head_offset = kv_head_idx * table.strides.head;
+  const T* keys[2][kKeyBlock];
+  const T* values[2][kKeyBlock];
+  Index listed_from[2] = {-1, -1};  // the first held index each table lists
+  for_each_visible_run_block<T>(
+      table.first_position, table.length, mask, first_t, last_t,
+      [&](Index begin, Index count, int t) {
+        if (count > 0 && listed_from[t] != begin) {
+          for (Index j = 0; j < count; ++j) {
+            const Index slot = table.offset + begin + j;
+            const Index at = table.ids[slot / table.block_size] * table.block_stride +
+                             head_offset + slot % table.block_size * table.strides.seq;
+            keys[t][j] = table.keys + at;
+            values[t][j] = table.values + at;
+          }
+          listed_from[t] = begin;
+        }
+        return std::make_pair(RowsOf<T>{keys[t]}, RowsOf<T>{values[t]});
+      },
+      visit);
 }
 
 }  // namespace detail

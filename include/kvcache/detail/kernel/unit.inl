@@ -1,6 +1,7 @@
 // kvcache: one work unit of a variant (UnitFunction, detail/kernel/unit.hpp): the rows of one
 // (batch row, KV head, query chunk) over the held positions of a view - the quantized blocks
-// first (their positions precede every T segment's), then each T segment block by block.
+// first (their positions precede every T segment's), then each T segment and the block table,
+// block by block.
 // Compiled once per variant (detail/kernel/variants.hpp; no include guard, no includes).
 
 template <class T, class Acc>
@@ -27,13 +28,12 @@ void attend_unit(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& ma
   }
   // The unit's rows sit at positions [first_t, last_t]: a block no row can see is skipped.
   const Index first_t = rows.row_position(0), last_t = rows.row_position(rows.rows_per_head - 1);
-  for (int s = 0; s < kv.num_segments; ++s) {
-    const KVSegment<T>& seg = kv.segments[static_cast<std::size_t>(s)];
-    for_each_visible_block(seg, mask, batch_idx, kv_head_idx, first_t, last_t,
-                           [&](const T* keys, const T* values, Index n, Index first_p,
-                               const NextBlock<T>& next) {
-                             attend_block(rows, mask, score, keys, values, seg.strides.seq, n,
-                                          first_p, next, tile, keys_t);
-                           });
-  }
+  auto block = [&](const BlockRows<T>& rows_of_block) {
+    attend_block(rows, mask, score, rows_of_block, tile, keys_t);
+  };
+  for (int s = 0; s < kv.num_segments; ++s)
+    for_each_visible_block(kv.segments[static_cast<std::size_t>(s)], mask, batch_idx, kv_head_idx,
+                           first_t, last_t, block);
+  if (kv.paged.length > 0)
+    for_each_visible_block(kv.paged, mask, kv_head_idx, first_t, last_t, block);
 }

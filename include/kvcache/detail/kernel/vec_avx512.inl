@@ -101,9 +101,10 @@ struct FloatVec {
   static void reduce(const FloatVec (&acc)[16], float* out) {
     __m512 half[8], quarter[4];
     #pragma GCC unroll 16
-    for (int i = 0; i < 8; ++i)  // [a.q0 + a.q2, a.q1 + a.q3, b.q0 + b.q2, b.q1 + b.q3]
-      half[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(kAll, acc[2 * i].v, acc[2 * i + 1].v, 0x44),
-                              _mm512_maskz_shuffle_f32x4(kAll, acc[2 * i].v, acc[2 * i + 1].v, 0xEE));
+    for (int i = 0; i < 8; ++i)  // [a.q0 + a.q2, a.q1 + a.q3, b.q2 + b.q0, b.q3 + b.q1]: a blend
+      // [a.q0, a.q1, b.q2, b.q3] (any vector port) plus one shuffle [a.q2, a.q3, b.q0, b.q1]
+      half[i] = _mm512_add_ps(_mm512_mask_blend_ps(0xFF00, acc[2 * i].v, acc[2 * i + 1].v),
+                              _mm512_maskz_shuffle_f32x4(kAll, acc[2 * i].v, acc[2 * i + 1].v, 0x4E));
     #pragma GCC unroll 16
     for (int i = 0; i < 4; ++i)  // quarter k: four partial sums of vector 4i + k
       quarter[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(kAll, half[2 * i], half[2 * i + 1], 0x88),
