@@ -45,14 +45,15 @@ void apply_softcap(Acc* tile, Index num_rows, Index n, Acc softcap) {
 }
 
 /// Scores of a block for fewer than kTileRows rows (decode), in place (score_block): each key
-/// row is read once, for every row of the unit. Before key j's tile, key j of the next block is
-/// fetched (and block_values fetches its value rows the same way): each phase keeps its own
-/// stream busy one block ahead, so the bus works during the arithmetic of both.
+/// row is read once, for every row of the unit. Before key j's tile, value row j of this block
+/// is fetched (and block_values fetches the next block's key rows the same way): each stream
+/// arrives one phase before it is used, and each phase keeps the bus busy during its
+/// arithmetic.
 template <class T, class Acc>
 void decode_scores(const ItemRows<Acc>& rows, const BlockRows<T>& block, Acc* tile) {
   score_block<Stored<T>>(rows.queries, rows.num_rows, rows.head_dim, block.keys, block.length,
                          tile, kKeyBlock,
-                         prefetch_rows(block.next_keys, block.next_length, rows.head_dim));
+                         prefetch_rows(block.values, block.length, rows.head_dim));
 }
 
 /// Whether every element of the value rows of a block is finite (a masked key's weight is 0,
@@ -77,7 +78,7 @@ void block_values(const ItemRows<Acc>& rows, const Acc* weights, const BlockRows
   if (!has_zero || all_finite<Acc>(block, head_dim)) {
     accumulate_all_rows<Stored<T>>(rows.accumulators, rows.num_rows, head_dim, head_dim, weights,
                                    kKeyBlock, block.values, n,
-                                   prefetch_rows(block.next_values, block.next_length, head_dim));
+                                   prefetch_rows(block.next_keys, block.next_length, head_dim));
     return;
   }
   for (Index row = 0; row < rows.num_rows; ++row) {

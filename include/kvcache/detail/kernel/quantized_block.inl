@@ -226,13 +226,16 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
     }
     score_block<Stored<Acc>>(rows.queries, num_rows, head_dim, RowsOf<Acc>{nullptr, key_zeros, 0}, 1,
                              zero_terms, 1, [](Index) {});
-    // Scores: each key code row is read once for every row. Meanwhile the next block's keys
-    // (codes, zeros, scales) are fetched, a share per key; the value phase fetches its values.
+    // Scores: each key code row is read once for every row. Meanwhile this block's values
+    // (codes, zeros, scales) are fetched, a share per key, and the value phase fetches the next
+    // block's keys: each stream arrives one phase before it is used.
     const std::uint8_t* const next = block_idx + 1 < seg.num_blocks ? block + seg.bytes_per_block
                                                                     : nullptr;
     score_block<Source>(folded, num_rows, head_dim, RowsOf<std::uint8_t>{nullptr, key_codes, row_bytes},
                         group, weights, group,
-                        SpreadPrefetch::of(next, format.value_codes_offset(), group));
+                        SpreadPrefetch::of(block + format.value_codes_offset(),
+                                           format.block_bytes() - format.value_codes_offset(),
+                                           group));
     // Online softmax update per row; weights become exp(s - max), 0 where masked.
     for (Index row = 0; row < num_rows; ++row) {
       Acc* w = weights + row * group;
@@ -243,16 +246,14 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
       }
       softmax_step(rows, row, mask, score, w, group, first_p);
     }
-    const SpreadPrefetch next_values = SpreadPrefetch::of(
-        next == nullptr ? nullptr : next + format.value_codes_offset(),
-        format.block_bytes() - format.value_codes_offset(), group);
+    const SpreadPrefetch next_keys = SpreadPrefetch::of(next, format.value_codes_offset(), group);
     widen_bfloat16(block + format.value_scales_offset(), head_dim, value_scales);
     widen_bfloat16(block + format.value_zeros_offset(), head_dim, value_zeros);
     if (whole_vectors && !may_need_clamp<Bits>(value_scales, value_zeros, head_dim)) {
       accumulate_codes<Bits>(rows, weights, group, block + format.value_codes_offset(), row_bytes,
-                             value_scales, value_zeros, group, group, next_values);
+                             value_scales, value_zeros, group, group, next_keys);
     } else {
-      for (Index t = 0; t < group; ++t) next_values(t);
+      for (Index t = 0; t < group; ++t) next_keys(t);
       dequantize_values(block, format, group, values);
       accumulate_all_rows<Stored<Acc>>(rows.accumulators, num_rows, head_dim, head_dim, weights,
                                        group, RowsOf<Acc>{nullptr, values, head_dim}, group);
