@@ -2,7 +2,7 @@
 #include "support/catch.hpp"
 #include "support/reference.hpp"
 
-#include <kvcache/online_softmax.hpp>
+#include <kvcache/detail/online_softmax.hpp>
 
 #include <vector>
 

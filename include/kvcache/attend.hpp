@@ -4,6 +4,7 @@
 
 #include <kvcache/attend_options.hpp>
 #include <kvcache/attend_workspace.hpp>
+#include <kvcache/cache_concept.hpp>
 #include <kvcache/detail/kernel/schedule.hpp>
 #include <kvcache/errors.hpp>
 
@@ -12,17 +13,10 @@
 #include <cmath>
 #include <type_traits>
 #include <utility>
+#include <variant>
 
 namespace kvcache {
 namespace detail {
-
-/// A cache is anything with attention_view() returning a KVView and the layout_type typedef.
-template <class C, class = void>
-struct is_kv_cache : std::false_type {};
-template <class C>
-struct is_kv_cache<C, std::void_t<typename C::layout_type, typename C::element_type,
-                                  decltype(std::declval<const C&>().attention_view())>>
-    : std::true_type {};
 
 /// Checks q and the options against a cache's view, then runs the kernel into `out`
 /// (q's shape, already allocated). Every check runs before any output is written.
@@ -110,17 +104,22 @@ void attend_view(const char* where, const ConstView4<T>& q, const KVView<T>& kv,
 /// Throws std::invalid_argument, naming expected and received shapes, for a q or key_mask
 /// that does not fit the cache, a negative window or softcap, or causal/windowed queries
 /// longer than the positions appended.
-template <class Q, class Cache,
-          std::enable_if_t<detail::is_tensor4_v<Q> && detail::is_kv_cache<Cache>::value, int> = 0>
+///
+/// A q that is not a Tensor4<T> (or a TensorMap of one) of the cache's T, or a cache that is not
+/// one (cache_concept.hpp), stops compilation with one static_assert naming what is expected.
+template <class Q, class Cache, std::enable_if_t<is_kv_cache_v<Cache>, int> = 0>
 Tensor4<typename Cache::element_type> attend(const Q& q, const Cache& cache,
                                              const AttendOptions& options = {}) {
   using T = typename Cache::element_type;
   detail::check_input_tensor<T, Q>();
-  const detail::ConstView4<T> q_view = detail::view_of(q);
-  Tensor4<T> out(q_view.dims);
-  AttendWorkspace workspace;
-  detail::attend_view<typename Cache::layout_type>("attend", q_view, cache.attention_view(),
-                                                   options, out.data(), workspace);
+  Tensor4<T> out;
+  if constexpr (detail::is_tensor4_v<Q>) {  // else the check above has stopped compilation
+    const detail::ConstView4<T> q_view = detail::view_of(q);
+    out.resize(q_view.dims);
+    AttendWorkspace workspace;
+    detail::attend_view<typename Cache::layout_type>("attend", q_view, cache.attention_view(),
+                                                     options, out.data(), workspace);
+  }
   return out;
 }
 
@@ -135,30 +134,38 @@ Tensor4<typename Cache::element_type> attend(const Q& q, const Cache& cache,
 /// Same checks, results (bit for bit) and exceptions as attend(q, cache, options), plus
 /// std::invalid_argument when out's shape is not q's. Nothing is written before every
 /// check has passed.
-template <class Q, class Cache, class Out,
-          std::enable_if_t<detail::is_tensor4_v<Q> && detail::is_kv_cache<Cache>::value &&
-                               detail::is_tensor4_v<std::remove_reference_t<Out>>,
-                           int> = 0>
+template <class Q, class Cache, class Out, std::enable_if_t<is_kv_cache_v<Cache>, int> = 0>
 void attend(const Q& q, const Cache& cache, Out&& out, AttendWorkspace& workspace,
             const AttendOptions& options = {}) {
   using T = typename Cache::element_type;
   using OutTensor = std::remove_reference_t<Out>;
   detail::check_input_tensor<T, Q>();
-  static_assert(std::is_same_v<detail::tensor4_element_t<OutTensor>, T>,
-                "kvcache: attend's out must hold the cache's element type");
-  static_assert(!std::is_const_v<typename OutTensor::Scalar> && !std::is_const_v<OutTensor>,
-                "kvcache: attend's out must be writable (a Tensor4 or a TensorMap of a non-const "
-                "Tensor4)");
-  const detail::ConstView4<T> q_view = detail::view_of(q);
-  const auto out_dims = out.dimensions();
-  const std::array<Index, 4> out_shape{out_dims[0], out_dims[1], out_dims[2], out_dims[3]};
-  if (out_shape != q_view.dims)
-    detail::throw_invalid_argument(
-        "attend: expected out of q's shape ",
-        detail::describe_dims<typename Cache::layout_type>(q_view.dims), "; got ",
-        detail::describe_dims<typename Cache::layout_type>(out_shape));
-  detail::attend_view<typename Cache::layout_type>("attend", q_view, cache.attention_view(),
-                                                   options, out.data(), workspace);
+  detail::check_input_tensor<T, OutTensor>();
+  if constexpr (detail::is_tensor4_v<Q> && detail::is_tensor4_v<OutTensor>) {
+    static_assert(!std::is_const_v<typename OutTensor::Scalar> && !std::is_const_v<OutTensor>,
+                  "kvcache: attend's out must be writable (a Tensor4 or a TensorMap of a "
+                  "non-const Tensor4)");
+    const detail::ConstView4<T> q_view = detail::view_of(q);
+    const auto out_dims = out.dimensions();
+    const std::array<Index, 4> out_shape{out_dims[0], out_dims[1], out_dims[2], out_dims[3]};
+    if (out_shape != q_view.dims)
+      detail::throw_invalid_argument(
+          "attend: expected out of q's shape ",
+          detail::describe_dims<typename Cache::layout_type>(q_view.dims), "; got ",
+          detail::describe_dims<typename Cache::layout_type>(out_shape));
+    detail::attend_view<typename Cache::layout_type>("attend", q_view, cache.attention_view(),
+                                                     options, out.data(), workspace);
+  }
+}
+
+/// \brief attend() over a layer that holds one of several cache kinds (a std::variant, as in a
+/// mixed ModelKVCache): attends over the active alternative. Same contract as the cache
+/// overload; every alternative must have the same element type.
+template <class Q, class... Caches,
+          std::enable_if_t<(is_kv_cache_v<Caches> && ...), int> = 0>
+auto attend(const Q& q, const std::variant<Caches...>& cache, const AttendOptions& options = {}) {
+  return std::visit([&](const auto& alternative) { return attend(q, alternative, options); },
+                    cache);
 }
 
 namespace detail {

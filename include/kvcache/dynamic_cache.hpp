@@ -3,6 +3,7 @@
 #define KVCACHE_DYNAMIC_CACHE_HPP
 
 #include <kvcache/detail/contiguous_cache.hpp>
+#include <kvcache/frozen_cache.hpp>  // freeze()
 
 namespace kvcache {
 

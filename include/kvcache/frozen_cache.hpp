@@ -2,6 +2,7 @@
 #ifndef KVCACHE_FROZEN_CACHE_HPP
 #define KVCACHE_FROZEN_CACHE_HPP
 
+#include <kvcache/detail/contiguous_cache.hpp>
 #include <kvcache/detail/kv_view.hpp>
 #include <kvcache/errors.hpp>
 #include <kvcache/persistence.hpp>
@@ -9,6 +10,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <istream>
+#include <memory>
 #include <ostream>
 #include <utility>
 #include <vector>
@@ -161,6 +163,14 @@ namespace detail {
 template <class T, class Layout>
 struct record_kind<FrozenKVCache<T, Layout>>
     : std::integral_constant<CacheKind, CacheKind::frozen_cache> {};
+
+/// freeze() of the static and the dynamic cache (declared in detail/contiguous_cache.hpp):
+/// the snapshot is built here, where FrozenKVCache is complete.
+template <class T, class Layout>
+std::shared_ptr<const FrozenKVCache<T, Layout>> ContiguousKVCache<T, Layout>::freeze() const {
+  return std::make_shared<const FrozenKVCache<T, Layout>>(keys(), values());
+}
+
 }  // namespace detail
 
 }  // namespace kvcache

@@ -2,7 +2,7 @@
 #ifndef KVCACHE_MODEL_CACHE_HPP
 #define KVCACHE_MODEL_CACHE_HPP
 
-#include <kvcache/attend.hpp>
+#include <kvcache/cache_concept.hpp>
 #include <kvcache/errors.hpp>
 #include <kvcache/persistence.hpp>
 
@@ -354,17 +354,6 @@ template <class... Caches>
 struct record_kind<ModelKVCache<std::variant<Caches...>>>
     : std::integral_constant<CacheKind, CacheKind::mixed_model_cache> {};
 }  // namespace detail
-
-/// \brief attend() over a layer that holds one of several cache kinds (a std::variant, as in a
-/// mixed ModelKVCache): attends over the active alternative. Same contract as the cache
-/// overload; every alternative must have the same element type.
-template <class Q, class... Caches,
-          std::enable_if_t<detail::is_tensor4_v<Q> && (detail::is_kv_cache<Caches>::value && ...),
-                           int> = 0>
-auto attend(const Q& q, const std::variant<Caches...>& cache, const AttendOptions& options = {}) {
-  return std::visit([&](const auto& alternative) { return attend(q, alternative, options); },
-                    cache);
-}
 
 }  // namespace kvcache
 

@@ -3,6 +3,7 @@
 #define KVCACHE_STATIC_CACHE_HPP
 
 #include <kvcache/detail/contiguous_cache.hpp>
+#include <kvcache/frozen_cache.hpp>  // freeze()
 
 namespace kvcache {
 

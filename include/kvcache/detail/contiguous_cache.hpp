@@ -4,7 +4,6 @@
 #define KVCACHE_DETAIL_CONTIGUOUS_CACHE_HPP
 
 #include <kvcache/detail/kv_storage.hpp>
-#include <kvcache/frozen_cache.hpp>
 #include <kvcache/persistence.hpp>
 
 #include <cstddef>
@@ -14,6 +13,10 @@
 #include <vector>
 
 namespace kvcache {
+
+template <class T, class Layout>
+class FrozenKVCache;
+
 namespace detail {
 
 /// Base of StaticKVCache and DynamicKVCache: everything but the growth policy.
@@ -61,9 +64,8 @@ class ContiguousKVCache {
   /// Copies the valid positions once into a buffer of exactly size() positions (not
   /// capacity()); the cache can keep changing afterwards without affecting the snapshot.
   /// Everyone holding the returned pointer shares that one copy (see PrefixKVCache).
-  std::shared_ptr<const FrozenKVCache<T, Layout>> freeze() const {
-    return std::make_shared<const FrozenKVCache<T, Layout>>(keys(), values());
-  }
+  /// Defined in frozen_cache.hpp, which static_cache.hpp and dynamic_cache.hpp include.
+  std::shared_ptr<const FrozenKVCache<T, Layout>> freeze() const;
 
   /// \brief The kernel's view of the valid prefix; valid until the cache is next modified.
   KVView<T> attention_view() const {

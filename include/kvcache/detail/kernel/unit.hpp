@@ -7,8 +7,8 @@
 
 #include <kvcache/detail/kv_view.hpp>
 #include <kvcache/layout.hpp>
-#include <kvcache/mask.hpp>
-#include <kvcache/online_softmax.hpp>
+#include <kvcache/detail/mask.hpp>
+#include <kvcache/detail/online_softmax.hpp>
 #include <kvcache/quantization.hpp>
 
 #include <algorithm>

@@ -1,6 +1,6 @@
 // kvcache: the masking rules of attend(), written once in terms of absolute positions.
-#ifndef KVCACHE_MASK_HPP
-#define KVCACHE_MASK_HPP
+#ifndef KVCACHE_DETAIL_MASK_HPP
+#define KVCACHE_DETAIL_MASK_HPP
 
 #include <kvcache/layout.hpp>
 
@@ -63,4 +63,4 @@ constexpr Index combine_windows(Index a, Index b) {
 }  // namespace detail
 }  // namespace kvcache
 
-#endif  // KVCACHE_MASK_HPP
+#endif  // KVCACHE_DETAIL_MASK_HPP

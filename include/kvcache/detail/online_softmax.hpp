@@ -3,8 +3,8 @@
 //
 // A state over a set of keys is (m, l, acc): m the largest score seen, l = sum exp(s - m),
 // acc = sum exp(s - m) * v. Natural exponent. The attention output is acc / l.
-#ifndef KVCACHE_ONLINE_SOFTMAX_HPP
-#define KVCACHE_ONLINE_SOFTMAX_HPP
+#ifndef KVCACHE_DETAIL_ONLINE_SOFTMAX_HPP
+#define KVCACHE_DETAIL_ONLINE_SOFTMAX_HPP
 
 #include <kvcache/layout.hpp>
 
@@ -123,4 +123,4 @@ class PartialState {
 }  // namespace detail
 }  // namespace kvcache
 
-#endif  // KVCACHE_ONLINE_SOFTMAX_HPP
+#endif  // KVCACHE_DETAIL_ONLINE_SOFTMAX_HPP
