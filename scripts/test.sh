@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Configures (build/test), builds and runs kvcache's tests and examples: unit tests, API
-# conformance, the demo and the find_package / add_subdirectory / FetchContent package tests.
+# conformance, the demo and the find_package / add_subdirectory / FetchContent package tests;
+# first, that no header includes one of a higher floor (scripts/include_floors.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+bash scripts/include_floors.sh > /dev/null
 bash scripts/deps.sh
 cmake -S . -B build/test -DCMAKE_BUILD_TYPE=Release \
   -DKVCACHE_BUILD_TESTS=ON -DKVCACHE_BUILD_EXAMPLES=ON -DKVCACHE_BUILD_BENCHMARKS=ON \

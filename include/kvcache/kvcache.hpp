@@ -10,6 +10,7 @@
 #include <kvcache/version.hpp>
 #include <kvcache/layout.hpp>
 #include <kvcache/errors.hpp>
+#include <kvcache/cache_concept.hpp>
 #include <kvcache/persistence.hpp>
 #include <kvcache/static_cache.hpp>
 #include <kvcache/dynamic_cache.hpp>
