@@ -341,6 +341,12 @@ class Driver {
     return x;
   }
 
+  static bool has_non_finite(const Tensor4<T>& x) {
+    for (Index i = 0; i < x.size(); ++i)
+      if (!std::isfinite(static_cast<float>(x.data()[i]))) return true;
+    return false;
+  }
+
   /// Appends n tokens of k, v (b batch rows; the others zero) to the model.
   void append_to_model(const Tensor4<T>& k, const Tensor4<T>& v, Index b, Index n) {
     for (Index i = 0; i < n; ++i)
@@ -498,6 +504,8 @@ class Driver {
       want = Outcome::invalid_argument;
     else if (n > 0 && (K == Kind::static_cache || kQuantized || kPrefix) && n > room())
       want = Outcome::length_error;
+    else if (kQuantized && (has_non_finite(k) || has_non_finite(v)))
+      want = Outcome::invalid_argument;  // a quantized cache stores finite values only
     const bool ok = expect(want, text("update(", dims_of(k), ")"), [&] {
       if (as_map) {
         Eigen::TensorMap<const Tensor4<T>> km(k.data(), k.dimensions());

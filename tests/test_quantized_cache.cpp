@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <iostream>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -672,4 +673,38 @@ TEMPLATE_TEST_CASE("QuantizedKVCache<double> refuses finite inputs beyond 3.3895
   REQUIRE(cache.size() == 14);
   const Tensor4<double> keys = cache.keys();
   for (Index i = 0; i < keys.size(); ++i) REQUIRE(std::isfinite(keys.data()[i]));
+}
+
+TEMPLATE_TEST_CASE("NaN and infinities are refused, naming the element, the cache unchanged",
+                   "[quantized_cache]", (QCase<float, 8, BHSD>), (QCase<float, 4, BSHD>),
+                   (QCase<Eigen::half, 8, BSHD>), (QCase<Eigen::bfloat16, 4, BHSD>),
+                   (QCase<double, 8, BSHD>)) {
+  // A group shares one zero point and one scale: a non-finite element would corrupt them (a
+  // NaN key once gave NaN outputs while in the float tail and finite ones once quantized).
+  // update() refuses it instead, whether the position would land in the tail (a short
+  // update) or straight in quantized blocks (a chunk longer than group + residual).
+  using T = typename TestType::element;
+  using L = typename TestType::layout;
+  using Cache = QuantizedKVCache<T, TestType::bits, L>;
+  const Index d = 8;
+  Cache cache(2, 64, 2, d, config(4, 2));
+  cache.update(random_tensor<T, L>(2, 2, 9, d, 1), random_tensor<T, L>(2, 2, 9, d, 2));
+  const Snapshot<Cache> before(cache);
+  const double infinity = std::numeric_limits<double>::infinity();
+  for (const Index new_len : {Index(1), Index(20)})
+    for (const bool in_keys : {true, false})
+      for (const double bad : {std::numeric_limits<double>::quiet_NaN(), infinity, -infinity}) {
+        CAPTURE(new_len, in_keys, bad);
+        Tensor4<T> k = random_tensor<T, L>(2, 2, new_len, d, 3);
+        Tensor4<T> v = random_tensor<T, L>(2, 2, new_len, d, 4);
+        (in_keys ? k : v).data()[k.size() - 3] = static_cast<T>(bad);
+        const std::string message = message_of([&] { cache.update(k, v); });
+        REQUIRE(contains(message, in_keys ? ": k at (batch 1" : ": v at (batch 1"));
+        REQUIRE(contains(message, "expected a finite value"));
+        REQUIRE_THROWS_AS(cache.update(k, v), std::invalid_argument);
+        REQUIRE(Snapshot<Cache>(cache) == before);
+      }
+  // The cache keeps working.
+  cache.update(random_tensor<T, L>(2, 2, 20, d, 5), random_tensor<T, L>(2, 2, 20, d, 6));
+  REQUIRE(cache.size() == 29);
 }

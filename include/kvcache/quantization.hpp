@@ -92,7 +92,8 @@ namespace detail {
 // QuantizedKVCache<double>::update refuses finite inputs beyond it (std::invalid_argument), as
 // they would lose most of their magnitude; these routines, given one, clamp it the same way.
 // +-infinity saturates the same way. Half and bfloat16 inputs never saturate. A NaN input gives
-// unspecified (possibly NaN) values for its group, never undefined behaviour.
+// unspecified (possibly NaN) values for its group, never undefined behaviour. (QuantizedKVCache
+// refuses NaN and infinite inputs before quantizing; these routines stay total.)
 //
 // Every finite input therefore quantizes without overflow: within the clamped range
 // max - zero <= 2 * kBfloat16Max may exceed float's range, so the quantizer falls back to

@@ -125,8 +125,10 @@ class QuantizedKVCache {
   /// position(), quantizing the blocks that leave the tail. Accepts Tensor4<T> and
   /// Eigen::TensorMap of one.
   ///
-  /// Throws std::invalid_argument for a shape that does not fit (checked first),
-  /// std::length_error past capacity(); in both cases the cache is unchanged.
+  /// Throws std::invalid_argument for a shape that does not fit (checked first), for a NaN or
+  /// infinite element of k or v (naming it; a quantized cache stores finite values only), and
+  /// for a finite double beyond 3.3895e38 (bfloat16 scales); std::length_error past capacity();
+  /// in every case the cache is unchanged.
   template <class K, class V>
   void update(const K& k, const V& v) {
     // Named references, not structured bindings: the lambdas below capture them, which C++17
@@ -141,10 +143,8 @@ class QuantizedKVCache {
       detail::throw_length_error("QuantizedKVCache::update: appending ", in.seq,
                                  " positions at position ", position_, " exceeds the capacity of ",
                                  max_seq_len_, " (max_seq_len)");
-    if constexpr (std::is_same_v<T, double>) {
-      require_within_scale_range("k", k_view, in);
-      require_within_scale_range("v", v_view, in);
-    }
+    require_storable("k", k_view, in);
+    require_storable("v", v_view, in);
     // The only allocations; nothing is modified before they succeed.
     std::vector<T> key_rows(static_cast<std::size_t>(config_.group_size * head_dim_));
     const std::vector<T> zero_row(static_cast<std::size_t>(head_dim_), T(0));
@@ -405,24 +405,37 @@ class QuantizedKVCache {
   }
 
  private:
-  /// Zero points and scales are bfloat16: a finite double beyond kBfloat16Max (3.3895e38) could
-  /// not be stored without a large error, so update() refuses it (std::invalid_argument, naming
-  /// the element and the bound) before it changes anything. Non-finite inputs are not checked
-  /// here (they saturate; see quantization.hpp).
-  void require_within_scale_range(const char* name, const detail::ConstView4<T>& input,
-                                  const Shape& in) const {
+  /// Refuses what a group's bfloat16 zero point and scale cannot hold, before update() changes
+  /// anything (std::invalid_argument naming the element): NaN and +-infinity (one would
+  /// corrupt the zero point and scale its whole group shares, and an attention over it would
+  /// silently see finite values), and for double a finite value beyond kBfloat16Max
+  /// (3.3895e38), which could not be stored without a large error.
+  void require_storable(const char* name, const detail::ConstView4<T>& input,
+                        const Shape& in) const {
     const Strides strides = Layout::strides(in);
     for (Index b = 0; b < in.batch; ++b)
       for (Index h = 0; h < in.heads; ++h)
         for (Index i = 0; i < in.seq; ++i) {
           const T* row = input.data + b * strides.batch + h * strides.head + i * strides.seq;
-          for (Index c = 0; c < in.head_dim; ++c)
-            if (std::isfinite(row[c]) && std::abs(row[c]) > static_cast<T>(detail::kBfloat16Max))
+          for (Index c = 0; c < in.head_dim; ++c) {
+            const T x = row[c];
+            if (!(Eigen::numext::isfinite)(x))
               detail::throw_invalid_argument(
-                  "QuantizedKVCache<double>::update: ", name, " at (batch ", b, ", head ", h,
-                  ", new position ", i, ", channel ", c, ") = ", row[c], " exceeds the magnitude its bfloat16 zero point and scale can "
-                  "represent: expected |x| <= ", detail::kBfloat16Max,
-                  " (keep such values in a StaticKVCache<double> or DynamicKVCache<double>)");
+                  "QuantizedKVCache::update: ", name, " at (batch ", b, ", head ", h,
+                  ", new position ", i, ", channel ", c, ") is ", static_cast<double>(x),
+                  ": expected a finite value (a quantized cache stores finite values only: a "
+                  "group shares one zero point and one scale, which a NaN or an infinity would "
+                  "corrupt; keep such values in a StaticKVCache or DynamicKVCache); the cache "
+                  "is unchanged");
+            if constexpr (std::is_same_v<T, double>)
+              if (std::abs(x) > static_cast<T>(detail::kBfloat16Max))
+                detail::throw_invalid_argument(
+                    "QuantizedKVCache<double>::update: ", name, " at (batch ", b, ", head ", h,
+                    ", new position ", i, ", channel ", c, ") = ", x,
+                    " exceeds the magnitude its bfloat16 zero point and scale can represent: "
+                    "expected |x| <= ", detail::kBfloat16Max,
+                    " (keep such values in a StaticKVCache<double> or DynamicKVCache<double>)");
+          }
         }
   }
 
