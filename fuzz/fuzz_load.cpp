@@ -123,8 +123,14 @@ void fill(C& cache, ByteReader& in, Index max_length) {
     const Index b = in.range(1, cache.batch_size());
     const int mode = in.chance(32) ? 3 : static_cast<int>(in.range(0, 2));
     const std::uint16_t seed = in.u16();
-    cache.update(make_tensor<T, L>(b, cache.num_heads(), n, cache.head_dim(), seed, mode),
-                 make_tensor<T, L>(b, cache.num_heads(), n, cache.head_dim(), seed + 1, mode));
+    Tensor4<T> k = make_tensor<T, L>(b, cache.num_heads(), n, cache.head_dim(), seed, mode);
+    Tensor4<T> v = make_tensor<T, L>(b, cache.num_heads(), n, cache.head_dim(), seed + 1, mode);
+    if constexpr (is_quantized<C>::value) {  // they refuse NaN and infinities
+      for (Tensor4<T>* x : {&k, &v})
+        for (Index i = 0; i < x->size(); ++i)
+          if (!std::isfinite(static_cast<float>(x->data()[i]))) x->data()[i] = T(0);
+    }
+    cache.update(k, v);
     if constexpr (has_crop_v<C>) {
       if (in.chance(40)) cache.crop(in.range(0, cache.size()));
     }
