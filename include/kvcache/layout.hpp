@@ -5,6 +5,7 @@
 #include <kvcache/config.hpp>
 
 #include <array>
+#include <cstddef>
 #include <type_traits>
 
 namespace kvcache {
@@ -95,6 +96,10 @@ struct ConstView4 {
   const T* data;
   std::array<Index, 4> dims;
 };
+
+/// A non-negative count as a std::size_t: sizes in bytes, and array extents given by int
+/// template parameters (which -Wsign-conversion flags otherwise).
+constexpr std::size_t count(Index n) { return static_cast<std::size_t>(n); }
 
 /// Which input types the API takes as a 4-d tensor of T: Tensor4<T> and TensorMaps of it.
 template <class X>

@@ -50,7 +50,7 @@ template <class U>
 void store_little_endian(std::uint8_t* at, U value) {
   static_assert(std::is_unsigned_v<U>, "kvcache: little-endian fields are unsigned integers");
   for (std::size_t i = 0; i < sizeof(U); ++i)
-    at[i] = static_cast<std::uint8_t>((value >> (8 * i)) & 0xFFu);
+    at[i] = static_cast<std::uint8_t>(static_cast<std::uintmax_t>(value) >> (8 * i));
 }
 
 /// Reads sizeof(U) bytes, least significant first.

@@ -101,14 +101,14 @@ KVCACHE_ALWAYS_INLINE void dot_tile(const Acc* const* rows,
   using V = VecOf<Acc>;
   static_assert(Rows * Keys == V::tile_dots, "kvcache: a tile holds V::tile_dots dot products");
   constexpr Index kWidth = V::width;
-  V acc[Rows * Keys];
+  V acc[count(Rows * Keys)];
   #pragma GCC unroll 16
   for (int i = 0; i < Rows * Keys; ++i) acc[i] = V::zero();
   Index c = 0;
   // Invariant: lane l of acc[r * Keys + k] = sum of rows[r][i] * keys[k][i] over i < c with
   // i % kWidth == l.
   for (; c + kWidth <= head_dim; c += kWidth) {
-    V key[Keys];
+    V key[count(Keys)];
     #pragma GCC unroll 16
     for (int k = 0; k < Keys; ++k) key[k] = load_from<Source, V>(keys[k], c);
     #pragma GCC unroll 16
@@ -135,7 +135,7 @@ void score_block(const Acc* queries, Index num_rows, Index head_dim, const KeyRo
   auto tiles = [&](auto rows_tag) {
     constexpr int kRows = decltype(rows_tag)::value, kKeys = kDots / kRows;
     for (Index j = 0; j < n; j += kKeys) {
-      const Element* key[kKeys];
+      const Element* key[count(kKeys)];
       #pragma GCC unroll 16
       for (int k = 0; k < kKeys; ++k) {
         const Index at = std::min(j + k, n - 1);
@@ -143,10 +143,10 @@ void score_block(const Acc* queries, Index num_rows, Index head_dim, const KeyRo
         if (j + k < n) before_key(j + k);
       }
       for (Index row = 0; row < num_rows; row += kRows) {
-        const Acc* query[kRows];
+        const Acc* query[count(kRows)];
         #pragma GCC unroll 16
         for (int r = 0; r < kRows; ++r) query[r] = queries + std::min(row + r, num_rows - 1) * head_dim;
-        Acc dots[kDots];
+        Acc dots[count(kDots)];
         dot_tile<kRows, kKeys, Source>(query, key, head_dim, dots);
         for (int r = 0; r < kRows && row + r < num_rows; ++r)
           for (int k = 0; k < kKeys && j + k < n; ++k)
@@ -188,7 +188,7 @@ Acc exp_weights(Acc* s, Index n, Acc max) {
 template <int Rows, class Acc, class T>
 void axpy_rows(Acc* const* acc, const Acc* weight, const T* value, Index head_dim) {
   using V = VecOf<Acc>;
-  V w[Rows];
+  V w[count(Rows)];
   #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r) w[r] = V::broadcast(weight[r]);
   Index c = 0;
@@ -232,7 +232,7 @@ KVCACHE_ALWAYS_INLINE void accumulate_strip(Acc* const* acc, const Acc* weights,
                                             Index n, Index c, const Prefetch& prefetch) {
   using V = VecOf<Acc>;
   constexpr Index kWidth = V::width;
-  V lane[Rows][Strip];
+  V lane[count(Rows)][count(Strip)];
   #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r)
     #pragma GCC unroll 16
@@ -241,7 +241,7 @@ KVCACHE_ALWAYS_INLINE void accumulate_strip(Acc* const* acc, const Acc* weights,
   for (Index j = 0; j < n; ++j) {
     prefetch(j);
     const auto* value = value_rows(j);
-    V v[Strip];
+    V v[count(Strip)];
     #pragma GCC unroll 16
     for (int s = 0; s < Strip; ++s) v[s] = load_from<Source, V>(value, c + s * kWidth);
     #pragma GCC unroll 16
@@ -325,14 +325,14 @@ void tile_scores(const Acc* queries, Index num_rows, Index head_dim, const Acc* 
   const Index columns = (n + kWidth - 1) / kWidth * kWidth;
   auto block = [&](auto rows_tag, auto vecs_tag, Index row, Index j) {
     constexpr int kRows = decltype(rows_tag)::value, kVecs = decltype(vecs_tag)::value;
-    V lane[kRows][kVecs];
+    V lane[count(kRows)][count(kVecs)];
     #pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r)
       #pragma GCC unroll 16
       for (int s = 0; s < kVecs; ++s) lane[r][s] = V::zero();
     // Invariant: lane[r][s] = sum over channels < c of q[row + r][c] * keys_t[c][j + s * W ...].
     for (Index c = 0; c < head_dim; ++c) {
-      V k[kVecs];
+      V k[count(kVecs)];
       #pragma GCC unroll 16
       for (int s = 0; s < kVecs; ++s) k[s] = V::load(keys_t + c * kKeyBlock + j + s * kWidth);
       #pragma GCC unroll 16

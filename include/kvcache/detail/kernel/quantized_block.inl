@@ -86,10 +86,10 @@ KVCACHE_ALWAYS_INLINE void accumulate_codes_strip(Acc* const* acc, const Acc* we
                                                   Index n, Index c, const Prefetch& prefetch) {
   using V = VecOf<Acc>;
   constexpr Index kWidth = V::width;
-  Index group_of[Strip];
+  Index group_of[count(Strip)];
   #pragma GCC unroll 16
   for (int s = 0; s < Strip; ++s) group_of[s] = (c + s * kWidth) / group;
-  V lane[Rows][Strip];
+  V lane[count(Rows)][count(Strip)];
   #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r)
     #pragma GCC unroll 16
@@ -97,7 +97,7 @@ KVCACHE_ALWAYS_INLINE void accumulate_codes_strip(Acc* const* acc, const Acc* we
   // Invariant: lane[r][s] = acc[r][c + s * kWidth ...] plus the terms of tokens < t.
   for (Index t = 0; t < n; ++t) {
     prefetch(t);
-    V v[Strip];
+    V v[count(Strip)];
     #pragma GCC unroll 16
     for (int s = 0; s < Strip; ++s)
       v[s] = V::mul_add(V::template load_codes<Bits>(codes + t * row_bytes, c + s * kWidth),
@@ -130,7 +130,7 @@ void accumulate_codes(const ItemRows<Acc>& rows, const Acc* weights, Index weigh
   const SpreadPrefetch none{};
   auto strips = [&](auto rows_tag, Index row, bool first) {
     constexpr int kRows = decltype(rows_tag)::value;
-    Acc* acc[kRows];
+    Acc* acc[count(kRows)];
     #pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r) acc[r] = rows.accumulators + (row + r) * head_dim;
     const Acc* w = weights + row * weight_stride;

@@ -76,10 +76,10 @@ AttentionPlan plan_attention(const QueryArgs<T>& q, const KVView<T>& kv,
   if (device != nullptr && device->numThreads() > 1 && plan.num_units() > 1)
     plan.slots = device->numThreads() + 1;  // pool threads and the caller
   const Index elements = unit_scratch_elements(plan.max_rows, q.shape.head_dim, kv.quantized);
-  plan.slot_bytes = round_up_to_line(sizeof(SoftmaxState<Acc>) * plan.max_rows) +
-                    round_up_to_line(sizeof(Acc) * elements);
-  plan.partial_bytes = round_up_to_line(sizeof(Acc) * plan.max_rows *
-                                        PartialState<Acc>::elements(q.shape.head_dim));
+  plan.slot_bytes = round_up_to_line(sizeof(SoftmaxState<Acc>) * count(plan.max_rows)) +
+                    round_up_to_line(sizeof(Acc) * count(elements));
+  plan.partial_bytes = round_up_to_line(sizeof(Acc) * count(plan.max_rows) *
+                                        count(PartialState<Acc>::elements(q.shape.head_dim)));
   return plan;
 }
 
@@ -138,7 +138,8 @@ void run_attention(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& 
     std::uninitialized_default_construct_n(states, plan.max_rows);
     UnitScratch<Acc> scratch{
         states,
-        reinterpret_cast<Acc*>(mine + round_up_to_line(sizeof(SoftmaxState<Acc>) * plan.max_rows))};
+        reinterpret_cast<Acc*>(mine + round_up_to_line(sizeof(SoftmaxState<Acc>) *
+                                                       count(plan.max_rows)))};
     for (Index unit = first; unit < last; ++unit) {
       const Item it = item_at(unit / plan.splits);
       const Index split = unit % plan.splits;
@@ -173,7 +174,8 @@ void run_attention(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& 
     // Cost per unit: the K/V bytes it reads and the flops it does, so Eigen splits finely.
     const double length = static_cast<double>(plan.split_length);
     const double bytes = 2.0 * length * static_cast<double>(head_dim * Index(sizeof(T)));
-    const double flops = 4.0 * static_cast<double>(plan.max_rows) * length * head_dim;
+    const double flops =
+        4.0 * static_cast<double>(plan.max_rows) * length * static_cast<double>(head_dim);
     device->parallelFor(plan.num_units(), Eigen::TensorOpCost(bytes, 0, flops), run_units);
   }
   if (plan.splits == 1) return;
@@ -184,7 +186,7 @@ void run_attention(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& 
   SoftmaxState<Acc>* const states = reinterpret_cast<SoftmaxState<Acc>*>(base);
   std::uninitialized_default_construct_n(states, plan.max_rows);
   Acc* const merged = reinterpret_cast<Acc*>(
-      base + round_up_to_line(sizeof(SoftmaxState<Acc>) * plan.max_rows));  // (row, head_dim)
+      base + round_up_to_line(sizeof(SoftmaxState<Acc>) * count(plan.max_rows)));  // (row, head_dim)
   Acc* const rescaled = merged + plan.max_rows * head_dim;                  // (head_dim)
   const Index part_stride = static_cast<Index>(plan.partial_bytes / sizeof(Acc));
   for (Index item = 0; item < plan.num_items; ++item) {

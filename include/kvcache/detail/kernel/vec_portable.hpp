@@ -28,7 +28,7 @@ struct PortableVec {
   typedef Acc Lanes __attribute__((vector_size(sizeof(Acc) * W)));
 #else
   struct Lanes {
-    Acc lane[W];
+    Acc lane[count(W)];
     Acc& operator[](int i) { return lane[i]; }
     Acc operator[](int i) const { return lane[i]; }
   };
@@ -146,7 +146,7 @@ struct PortableVec {
 
   /// The lanes added pairwise in a fixed tree: (l0 + l_{W/2}) ... .
   Acc sum() const {
-    Acc lane[W];
+    Acc lane[count(W)];
     #pragma GCC unroll 16
     for (int i = 0; i < W; ++i) lane[i] = v[i];
     #pragma GCC unroll 16
