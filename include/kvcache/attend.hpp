@@ -11,6 +11,8 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <variant>
@@ -20,10 +22,17 @@ namespace detail {
 
 /// Checks q and the options against a cache's view, then runs the kernel into `out`
 /// (q's shape, already allocated). Every check runs before any output is written.
-template <class Layout, KernelVariant Variant = KernelVariant::kFast, class T>
+/// QuantizedBlocks: whether the view may hold quantized blocks (holds_quantized_blocks of the
+/// cache); the kernel's quantized path is compiled only then.
+template <class Layout, KernelVariant Variant = KernelVariant::kFast, bool QuantizedBlocks = true,
+          class T>
 void attend_view(const char* where, const ConstView4<T>& q, const KVView<T>& kv,
                  const AttendOptions& options, T* out, AttendWorkspace& workspace) {
   using Acc = accumulator_t<T>;
+  if (!QuantizedBlocks && kv.quantized.num_blocks > 0)
+    throw std::logic_error(std::string(where) +
+                           ": the cache's view holds quantized blocks but its type does not "
+                           "declare quantized_blocks = true (kvcache/cache_concept.hpp)");
   const Shape qs = Layout::shape(q.dims);
   if (qs.batch < 1 || qs.batch > kv.batch_size || qs.heads < 1 || qs.heads % kv.num_heads != 0 ||
       qs.head_dim != kv.head_dim || qs.seq < 0)
@@ -84,7 +93,7 @@ void attend_view(const char* where, const ConstView4<T>& q, const KVView<T>& kv,
                               : Acc(1) / std::sqrt(static_cast<Acc>(qs.head_dim));
   score.softcap = static_cast<Acc>(options.softcap);
   QueryArgs<T> args{q.data, out, qs, Layout::strides(qs), kv.position - qs.seq};
-  run_attention<Variant>(args, kv, mask, score, options.device, workspace);
+  run_attention<Variant, QuantizedBlocks>(args, kv, mask, score, options.device, workspace);
 }
 
 }  // namespace detail
@@ -117,8 +126,9 @@ Tensor4<typename Cache::element_type> attend(const Q& q, const Cache& cache,
     const detail::ConstView4<T> q_view = detail::view_of(q);
     out.resize(q_view.dims);
     AttendWorkspace workspace;
-    detail::attend_view<typename Cache::layout_type>("attend", q_view, cache.attention_view(),
-                                                     options, out.data(), workspace);
+    detail::attend_view<typename Cache::layout_type, detail::KernelVariant::kFast,
+                        holds_quantized_blocks_v<Cache>>("attend", q_view, cache.attention_view(),
+                                                         options, out.data(), workspace);
   }
   return out;
 }
@@ -153,8 +163,9 @@ void attend(const Q& q, const Cache& cache, Out&& out, AttendWorkspace& workspac
           "attend: expected out of q's shape ",
           detail::describe_dims<typename Cache::layout_type>(q_view.dims), "; got ",
           detail::describe_dims<typename Cache::layout_type>(out_shape));
-    detail::attend_view<typename Cache::layout_type>("attend", q_view, cache.attention_view(),
-                                                     options, out.data(), workspace);
+    detail::attend_view<typename Cache::layout_type, detail::KernelVariant::kFast,
+                        holds_quantized_blocks_v<Cache>>("attend", q_view, cache.attention_view(),
+                                                         options, out.data(), workspace);
   }
 }
 
@@ -224,7 +235,8 @@ Tensor4<detail::tensor4_element_t<Q>> attend(const Q& q, const K& k, const V& v,
   kv.add({k_view.data, v_view.data, Layout::strides(ks), 0, ks.seq});
   Tensor4<T> out(q_view.dims);
   AttendWorkspace workspace;
-  detail::attend_view<Layout>("attend", q_view, kv, options, out.data(), workspace);
+  detail::attend_view<Layout, detail::KernelVariant::kFast, false>("attend", q_view, kv, options,
+                                                                 out.data(), workspace);
   return out;
 }
 

@@ -33,6 +33,19 @@ struct is_kv_cache<C, std::void_t<typename C::layout_type, typename C::element_t
 template <class C>
 inline constexpr bool is_kv_cache_v = is_kv_cache<C>::value;
 
+/// \brief Whether C's views may hold quantized blocks: C says so with a static member
+/// `quantized_blocks = true` (QuantizedKVCache does). The kernel's quantized path is compiled
+/// only for such caches (it is about 40% of an attend() instantiation's compile time);
+/// attend() over a view with quantized blocks from any other type throws std::logic_error.
+template <class C, class = void>
+struct holds_quantized_blocks : std::false_type {};
+template <class C>
+struct holds_quantized_blocks<C, std::void_t<decltype(C::quantized_blocks)>>
+    : std::bool_constant<C::quantized_blocks> {};
+
+template <class C>
+inline constexpr bool holds_quantized_blocks_v = holds_quantized_blocks<C>::value;
+
 namespace detail {
 
 /// One clear message where a cache is expected and C is not one.

@@ -102,6 +102,8 @@ class QuantizedKVCache {
   using element_type = T;
   using layout_type = Layout;
   static constexpr int bits = Bits;
+  /// Its views hold quantized blocks (cache_concept.hpp, holds_quantized_blocks).
+  static constexpr bool quantized_blocks = true;
 
   /// \param batch_size, max_seq_len, num_heads, head_dim  positive, else std::invalid_argument
   /// \param config group_size (divides head_dim; even for int4) and residual_length (in

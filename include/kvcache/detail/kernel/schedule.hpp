@@ -97,14 +97,15 @@ bool accumulators_finite(const SoftmaxState<Acc>* states, Index num_rows, Index 
 /// comes from `workspace` (grown if needed; nothing else is allocated on the serial path).
 /// Every unit is computed the same way whatever thread runs it, and splits merge in order,
 /// so the result does not depend on the device.
-template <KernelVariant Variant = KernelVariant::kFast, class T, class Acc>
+template <KernelVariant Variant = KernelVariant::kFast, bool QuantizedBlocks = true, class T,
+          class Acc>
 void run_attention(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& mask,
                    const ScoreParams<Acc>& score, const Eigen::ThreadPoolDevice* device,
                    AttendWorkspace& workspace) {
   const AttentionPlan plan = plan_attention<T, Acc>(q, kv, device);
   const UnitFunction<T, Acc> attend_unit = Variant == KernelVariant::kReference
                                                ? &reference::attend_unit<T, Acc>
-                                               : unit_function<T, Acc>(selected_isa());
+                                               : unit_function<T, Acc, QuantizedBlocks>(selected_isa());
   workspace.reserve(plan.workspace_bytes());
   unsigned char* const base = workspace.data();
   unsigned char* const partials = base + static_cast<std::size_t>(plan.slots) * plan.slot_bytes;

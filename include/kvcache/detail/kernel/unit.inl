@@ -4,7 +4,7 @@
 // block by block.
 // Compiled once per variant (detail/kernel/variants.hpp; no include guard, no includes).
 
-template <class T, class Acc>
+template <class T, class Acc, bool QuantizedBlocks>
 void attend_unit(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& mask,
                  const ScoreParams<Acc>& score, Index batch_idx, Index kv_head_idx, Index q_begin,
                  Index q_end, const UnitScratch<Acc>& scratch) {
@@ -20,11 +20,15 @@ void attend_unit(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& ma
   const ItemRows<Acc> rows = prepare_rows(q, kv.num_heads, score, batch_idx, kv_head_idx, q_begin,
                                           q_end, queries, accumulators, scratch.states);
 
-  if (kv.quantized.num_blocks > 0) {
-    if (kv.quantized.bits == 8)
-      attend_quantized_blocks<8>(kv.quantized, mask, score, rows, quantized_scratch);
-    else
-      attend_quantized_blocks<4>(kv.quantized, mask, score, rows, quantized_scratch);
+  if constexpr (QuantizedBlocks) {  // compiled only for caches that may hold them
+    if (kv.quantized.num_blocks > 0) {
+      if (kv.quantized.bits == 8)
+        attend_quantized_blocks<8>(kv.quantized, mask, score, rows, quantized_scratch);
+      else
+        attend_quantized_blocks<4>(kv.quantized, mask, score, rows, quantized_scratch);
+    }
+  } else {
+    (void)quantized_scratch;
   }
   // The unit's rows sit at positions [first_t, last_t]: a block no row can see is skipped.
   const Index first_t = rows.row_position(0), last_t = rows.row_position(rows.rows_per_head - 1);

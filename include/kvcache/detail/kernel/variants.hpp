@@ -91,15 +91,16 @@ namespace isa_avx512 {
 #endif  // KVCACHE_HAS_X86_VARIANTS
 
 /// The unit function of the variant `isa` (or the best compiled one below it: a compiler
-/// without target regions has only the portable variant).
-template <class T, class Acc>
+/// without target regions has only the portable variant), with the quantized path compiled in
+/// or not.
+template <class T, class Acc, bool QuantizedBlocks>
 UnitFunction<T, Acc> unit_function(Isa isa) {
 #if defined(KVCACHE_HAS_X86_VARIANTS)
-  if (isa == Isa::kAvx512) return &isa_avx512::attend_unit<T, Acc>;
-  if (isa == Isa::kAvx2) return &isa_avx2::attend_unit<T, Acc>;
+  if (isa == Isa::kAvx512) return &isa_avx512::attend_unit<T, Acc, QuantizedBlocks>;
+  if (isa == Isa::kAvx2) return &isa_avx2::attend_unit<T, Acc, QuantizedBlocks>;
 #endif
   (void)isa;
-  return &isa_scalar::attend_unit<T, Acc>;
+  return &isa_scalar::attend_unit<T, Acc, QuantizedBlocks>;
 }
 
 }  // namespace detail
