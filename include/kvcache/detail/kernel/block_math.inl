@@ -19,45 +19,41 @@ struct VecFor<float> {
 template <class Acc>
 using VecOf = typename VecFor<Acc>::type;
 
-/// Whether some w[j], j in [0, n), is 0, for weights w[j] >= 0 (exponentials times a
-/// positive scale) or NaN (ignored: a NaN weight makes its row NaN anyway): their minimum, a
-/// vector at a time.
-template <class Acc>
-bool any_zero_weight(const Acc* w, Index n) {
+/// The largest (Largest) or smallest x[j], j in [0, n), ignoring NaN; `none` when there is no
+/// such element. A vector at a time: one max (min) chain per lane instead of one through n.
+template <bool Largest, class Acc>
+Acc extreme_of(const Acc* x, Index n, Acc none) {
   using V = VecOf<Acc>;
-  Acc smallest = std::numeric_limits<Acc>::infinity();
+  // std::max / std::min keep their first argument when the second is NaN.
+  auto pick = [](Acc kept, Acc next) { return Largest ? std::max(kept, next) : std::min(kept, next); };
+  Acc result = none;
   Index j = 0;
   if (n >= V::width) {
-    V low = V::broadcast(smallest);
-    // Invariant: lane l of low = the smallest non-NaN w[i], i < j, i % width == l.
-    for (; j + V::width <= n; j += V::width) low = V::min(V::load(w + j), low);
+    V lane = V::broadcast(none);
+    // Invariant: lane l = the extreme non-NaN x[i], i < j, i % width == l (where a lane of
+    // either operand is NaN, vmaxps / vminps yield the second operand, lane).
+    for (; j + V::width <= n; j += V::width)
+      lane = Largest ? V::max(V::load(x + j), lane) : V::min(V::load(x + j), lane);
     Acc lanes[V::width];
-    low.store(lanes);
-    for (Index l = 0; l < V::width; ++l) smallest = std::min(smallest, lanes[l]);
+    lane.store(lanes);
+    for (Index l = 0; l < V::width; ++l) result = pick(result, lanes[l]);
   }
-  for (; j < n; ++j) smallest = std::min(smallest, w[j]);
-  return smallest == Acc(0);
+  for (; j < n; ++j) result = pick(result, x[j]);
+  return result;
+}
+
+/// Whether some w[j], j in [0, n), is 0, for weights w[j] >= 0 (exponentials times a
+/// positive scale) or NaN (ignored: a NaN weight makes its row NaN anyway).
+template <class Acc>
+bool any_zero_weight(const Acc* w, Index n) {
+  return extreme_of<false>(w, n, std::numeric_limits<Acc>::infinity()) == Acc(0);
 }
 
 /// The largest s[j], j in [0, n), ignoring NaN (-inf when n is 0 or every s[j] is -inf or
-/// NaN), a vector at a time: one max chain per lane instead of one through n.
+/// NaN).
 template <class Acc>
 Acc max_score(const Acc* s, Index n) {
-  using V = VecOf<Acc>;
-  const Acc minus_infinity = -std::numeric_limits<Acc>::infinity();
-  Acc largest = minus_infinity;
-  Index j = 0;
-  if (n >= V::width) {
-    V high = V::broadcast(minus_infinity);
-    // Invariant: lane l of high = the largest non-NaN s[i], i < j, i % width == l (a NaN
-    // operand yields the second operand, high).
-    for (; j + V::width <= n; j += V::width) high = V::max(V::load(s + j), high);
-    Acc lanes[V::width];
-    high.store(lanes);
-    for (Index l = 0; l < V::width; ++l) largest = std::max(largest, lanes[l]);
-  }
-  for (; j < n; ++j) largest = std::max(largest, s[j]);
-  return largest;
+  return extreme_of<true>(s, n, -std::numeric_limits<Acc>::infinity());
 }
 
 /// out[r * Keys + k] += the terms i in [from, head_dim) of rows[r] . keys[k]: the channels
