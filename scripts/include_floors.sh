@@ -21,12 +21,13 @@ floor_of() {
     kvcache/attend_workspace.hpp|kvcache/kernel_isa.hpp) echo 0 ;;
     kvcache/detail/kv_storage.hpp|kvcache/detail/contiguous_cache.hpp|\
     kvcache/detail/serialization.hpp|kvcache/detail/crc32c.hpp|kvcache/persistence.hpp|\
+    kvcache/detail/prefix_index.hpp|\
     kvcache/quantization.hpp) echo 1 ;;
     kvcache/static_cache.hpp|kvcache/dynamic_cache.hpp|kvcache/frozen_cache.hpp|\
     kvcache/prefix_cache.hpp|kvcache/sliding_window_cache.hpp|kvcache/quantized_cache.hpp|\
     kvcache/paged_cache.hpp) echo 2 ;;
     kvcache/detail/mask.hpp|kvcache/detail/online_softmax.hpp|kvcache/detail/kernel/*) echo 3 ;;
-    kvcache/attend.hpp) echo 4 ;;
+    kvcache/attend.hpp|kvcache/paged_attend.hpp) echo 4 ;;
     kvcache/model_cache.hpp) echo 5 ;;
     kvcache/kvcache.hpp) echo 6 ;;
     *) echo "?" ;;

@@ -20,6 +20,24 @@
 namespace kvcache {
 namespace detail {
 
+/// Checks the options every attend() reads the same way (window, softcap, scale) and returns
+/// the score parameters: scale (default 1 / sqrt(head_dim)) and softcap.
+template <class Acc>
+ScoreParams<Acc> checked_score(const char* where, const AttendOptions& options, Index head_dim) {
+  if (options.window < 0)
+    throw_invalid_argument(where, ": window must be >= 0 (0: none), got ", options.window);
+  if (!(options.softcap >= 0) || !std::isfinite(options.softcap))
+    throw_invalid_argument(where, ": softcap must be finite and >= 0 (0: none), got ",
+                           options.softcap);
+  if (options.scale && !std::isfinite(*options.scale))
+    throw_invalid_argument(where, ": scale must be finite, got ", *options.scale);
+  ScoreParams<Acc> score;
+  score.scale = options.scale ? static_cast<Acc>(*options.scale)
+                              : Acc(1) / std::sqrt(static_cast<Acc>(head_dim));
+  score.softcap = static_cast<Acc>(options.softcap);
+  return score;
+}
+
 /// Checks q and the options against a cache's view, then runs the kernel into `out`
 /// (q's shape, already allocated). Every check runs before any output is written.
 /// QuantizedBlocks: whether the view may hold quantized blocks (holds_quantized_blocks of the
@@ -42,13 +60,7 @@ void attend_view(const char* where, const ConstView4<T>& q, const KVView<T>& kv,
                                   "a multiple of " + std::to_string(kv.num_heads), "q_len",
                                   std::to_string(kv.head_dim)),
         "; got ", describe_dims<Layout>(q.dims));
-  if (options.window < 0)
-    throw_invalid_argument(where, ": window must be >= 0 (0: none), got ", options.window);
-  if (!(options.softcap >= 0) || !std::isfinite(options.softcap))
-    throw_invalid_argument(where, ": softcap must be finite and >= 0 (0: none), got ",
-                           options.softcap);
-  if (options.scale && !std::isfinite(*options.scale))
-    throw_invalid_argument(where, ": scale must be finite, got ", *options.scale);
+  const ScoreParams<Acc> score = checked_score<Acc>(where, options, qs.head_dim);
 
   MaskRules mask;
   mask.causal = options.causal;
@@ -88,10 +100,6 @@ void attend_view(const char* where, const ConstView4<T>& q, const KVView<T>& kv,
   }
   if (qs.seq == 0) return;
 
-  ScoreParams<Acc> score;
-  score.scale = options.scale ? static_cast<Acc>(*options.scale)
-                              : Acc(1) / std::sqrt(static_cast<Acc>(qs.head_dim));
-  score.softcap = static_cast<Acc>(options.softcap);
   QueryArgs<T> args{q.data, out, qs, Layout::strides(qs), kv.position - qs.seq};
   run_attention<Variant, QuantizedBlocks>(args, kv, mask, score, options.device, workspace);
 }

@@ -19,6 +19,13 @@ class FormatError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+/// \brief Thrown by a PagedKVCache when an update needs more blocks than the pool has free,
+/// after evicting every published prefix block that no sequence holds; the pool is unchanged.
+class OutOfBlocks : public std::length_error {
+ public:
+  using std::length_error::length_error;
+};
+
 /// \brief The largest position() any cache reaches: 2^48 (2.8e14 tokens, far beyond any
 /// context). An update that would go past it throws std::length_error; load() rejects a record
 /// whose positions, sizes or capacities exceed it (FormatError). The bound keeps every position

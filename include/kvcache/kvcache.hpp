@@ -19,10 +19,12 @@
 #include <kvcache/sliding_window_cache.hpp>
 #include <kvcache/quantization.hpp>
 #include <kvcache/quantized_cache.hpp>
+#include <kvcache/paged_cache.hpp>
 #include <kvcache/attend_options.hpp>
 #include <kvcache/attend_workspace.hpp>
 #include <kvcache/kernel_isa.hpp>
 #include <kvcache/attend.hpp>
+#include <kvcache/paged_attend.hpp>
 #include <kvcache/model_cache.hpp>
 
 #endif  // KVCACHE_KVCACHE_HPP

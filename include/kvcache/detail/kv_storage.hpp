@@ -71,7 +71,8 @@ CheckedUpdate<T> check_update(const char* where, const K& k_in, const V& v_in, I
       s.seq < 0)
     throw_invalid_argument(
         where, ": expected k and v of shape ",
-        describe_expected<Layout>("1.." + std::to_string(batch_size), std::to_string(num_heads),
+        describe_expected<Layout>(batch_size == 1 ? std::string("1") : "1.." + std::to_string(batch_size),
+                                  std::to_string(num_heads),
                                   "new_len", std::to_string(head_dim)),
         "; got ", describe_dims<Layout>(k.dims));
   return {k, v, s};
@@ -155,6 +156,12 @@ class KVStorage {
   std::size_t memory_bytes() const {
     return 2 * static_cast<std::size_t>(keys_.size()) * sizeof(T);
   }
+
+  /// The first element of the keys and of the values (position 0 of batch row 0, head 0).
+  T* keys_data() { return keys_.data(); }
+  T* values_data() { return values_.data(); }
+  const T* keys_data() const { return keys_.data(); }
+  const T* values_data() const { return values_.data(); }
 
  private:
   static std::array<Index, 4> checked_dims(Index batch_size, Index num_heads, Index capacity,
