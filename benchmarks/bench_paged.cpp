@@ -1,9 +1,11 @@
 // kvcache paged-cache benchmarks: the ragged attend against one contiguous cache over the same
 // bytes, and a serving workload with continuous batching and a shared system prompt.
 //
-// paged/ragged_decode/bs<block_size>/thr<threads>
-//   32 sequences of 4096 tokens in a PagedKVCache<float> (Hkv 8, head_dim 128, filled round
-//   robin 256 tokens at a time, so their blocks interleave in the pool as a server's do); one
+// paged/ragged_decode/fill<chunk>/bs<block_size>/thr<threads>
+//   32 sequences of 4096 tokens in a PagedKVCache<float> (Hkv 8, head_dim 128), filled round
+//   robin `chunk` tokens at a time: fill256 is a chunked prefill (each sequence's blocks come
+//   in runs of 256 / block_size consecutive pool blocks), fill16 one block at a time (every
+//   pool block's neighbours belong to other sequences: a sequence grown by decoding). One
 //   step is one ragged attend of 32 decode rows (q_len 1 each, Hq 32). Each iteration also runs
 //   one decode step over a DynamicKVCache<float> of 32 x 4096 = 131072 tokens (the same 1 GiB
 //   of K/V), alternating with the paged step so both see the same machine. Counters:
@@ -55,22 +57,20 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 
 constexpr Index kSequences = 32;
 constexpr Index kLength = 4096;
-constexpr Index kFillChunk = 256;
-
 struct RaggedSetup {
-  Index block_size = 0;
+  Index block_size = 0, fill = 0;
   std::unique_ptr<kvcache::PagedKVCache<float>> pool;
   std::unique_ptr<kvcache::DynamicKVCache<float>> dynamic;
   std::vector<kvcache::PagedKVCache<float>::SequenceId> ids;
 };
 
 /// One setup at a time (1 GiB each for the pool and the contiguous cache).
-RaggedSetup& ragged_setup(Index block_size) {
+RaggedSetup& ragged_setup(Index block_size, Index fill) {
   static RaggedSetup setup;
-  if (setup.block_size == block_size) return setup;
+  if (setup.block_size == block_size && setup.fill == fill) return setup;
   setup = RaggedSetup{};
-  const Tensor4<float> k = random_tensor<float>(1, kKVHeads, kFillChunk, kHeadDim, 1);
-  const Tensor4<float> v = random_tensor<float>(1, kKVHeads, kFillChunk, kHeadDim, 2);
+  const Tensor4<float> k = random_tensor<float>(1, kKVHeads, fill, kHeadDim, 1);
+  const Tensor4<float> v = random_tensor<float>(1, kKVHeads, fill, kHeadDim, 2);
   kvcache::PagedConfig config;
   config.num_blocks = kSequences * kLength / block_size;
   config.block_size = block_size;
@@ -78,18 +78,19 @@ RaggedSetup& ragged_setup(Index block_size) {
   config.head_dim = kHeadDim;
   setup.pool = std::make_unique<kvcache::PagedKVCache<float>>(config);
   for (Index s = 0; s < kSequences; ++s) setup.ids.push_back(setup.pool->add_sequence());
-  for (Index filled = 0; filled < kLength; filled += kFillChunk)
+  for (Index filled = 0; filled < kLength; filled += fill)
     for (auto id : setup.ids) setup.pool->update(0, id, k, v);
   setup.dynamic = std::make_unique<kvcache::DynamicKVCache<float>>(1, kKVHeads, kHeadDim,
                                                                    kSequences * kLength);
-  for (Index filled = 0; filled < kSequences * kLength; filled += kFillChunk)
+  for (Index filled = 0; filled < kSequences * kLength; filled += fill)
     setup.dynamic->update(k, v);
   setup.block_size = block_size;
+  setup.fill = fill;
   return setup;
 }
 
-void ragged_decode(benchmark::State& state, Index block_size, int threads) {
-  RaggedSetup& setup = ragged_setup(block_size);
+void ragged_decode(benchmark::State& state, Index block_size, Index fill, int threads) {
+  RaggedSetup& setup = ragged_setup(block_size, fill);
   kvcache::AttendOptions options;
   options.device = device_for(threads);
   const Tensor4<float> q = random_tensor<float>(1, kQueryHeads, kSequences, kHeadDim, 3);
@@ -253,13 +254,17 @@ void serving(benchmark::State& state, Index block_size, int threads) {
 }
 
 void register_all() {
-  for (Index bs : {Index(16), Index(32)})
-    for (int t : {1, 2}) {
-      const std::string name = "paged/ragged_decode/bs" + std::to_string(bs) + "/thr" + std::to_string(t);
-      benchmark::RegisterBenchmark(name.c_str(), [bs, t](benchmark::State& s) { ragged_decode(s, bs, t); })
-          ->UseRealTime()
-          ->Unit(benchmark::kMillisecond);
-    }
+  for (Index fill : {Index(256), Index(16)})
+    for (Index bs : {Index(16), Index(32)})
+      for (int t : {1, 2}) {
+        if (fill < bs) continue;
+        const std::string name = "paged/ragged_decode/fill" + std::to_string(fill) + "/bs" +
+                                 std::to_string(bs) + "/thr" + std::to_string(t);
+        benchmark::RegisterBenchmark(name.c_str(),
+                                     [bs, fill, t](benchmark::State& s) { ragged_decode(s, bs, fill, t); })
+            ->UseRealTime()
+            ->Unit(benchmark::kMillisecond);
+      }
   for (Index bs : {Index(16), Index(32)})
     for (int t : {1, 2}) {
       const std::string name = "serving/requests256/prompt1024/bs" + std::to_string(bs) + "/thr" +

@@ -72,7 +72,7 @@ class PagedKVCache {
   ///               std::length_error when the pool's size overflows
   explicit PagedKVCache(const PagedConfig& config)
       : config_(checked(config)),
-        storage_(config.num_layers * config.num_blocks, config.num_heads, config.block_size,
+        storage_(config.num_layers, config.num_heads, config.num_blocks * config.block_size,
                  config.head_dim),
         refcounts_(detail::count(config.num_layers) * detail::count(config.num_blocks), 0),
         free_(detail::count(config.num_layers) * detail::count(config.num_blocks)),
@@ -301,8 +301,8 @@ class PagedKVCache {
     view.head_dim = config_.head_dim;
     view.position = size;
     detail::BlockTable<T> table;
-    table.keys = storage_.keys_data() + layer * config_.num_blocks * block_stride();
-    table.values = storage_.values_data() + layer * config_.num_blocks * block_stride();
+    table.keys = storage_.keys_data() + layer * storage_.strides().batch;
+    table.values = storage_.values_data() + layer * storage_.strides().batch;
     table.ids = sequence.table(layer, config_);
     table.block_size = config_.block_size;
     table.block_stride = block_stride();
@@ -406,15 +406,18 @@ class PagedKVCache {
     while (free_count_[detail::count(layer)] < wanted) index_.evict_one(unheld, released);
   }
 
-  Index block_stride() const { return storage_.strides().batch; }
+  /// Elements between block b and b + 1 of a head (or of a position, BSHD).
+  Index block_stride() const { return config_.block_size * storage_.strides().seq; }
+  /// Head and position strides within a block (the storage's; batch unused).
   Strides block_strides() const { return storage_.strides(); }
-  Index global_block(Index layer, std::int32_t b) const { return layer * config_.num_blocks + b; }
-  T* block_keys(Index global) { return storage_.keys_data() + global * block_stride(); }
-  T* block_values(Index global) { return storage_.values_data() + global * block_stride(); }
-  const T* block_keys(Index global) const { return storage_.keys_data() + global * block_stride(); }
-  const T* block_values(Index global) const {
-    return storage_.values_data() + global * block_stride();
+  /// Where block b of `layer` starts (row 0, head 0) in the keys and in the values.
+  Index global_block(Index layer, std::int32_t b) const {
+    return layer * storage_.strides().batch + b * block_stride();
   }
+  T* block_keys(Index at) { return storage_.keys_data() + at; }
+  T* block_values(Index at) { return storage_.values_data() + at; }
+  const T* block_keys(Index at) const { return storage_.keys_data() + at; }
+  const T* block_values(Index at) const { return storage_.values_data() + at; }
 
   void copy_rows(Index layer, std::int32_t from, std::int32_t to, Index rows) {
     const Index f = global_block(layer, from), t = global_block(layer, to);
@@ -442,8 +445,10 @@ class PagedKVCache {
   }
 
   PagedConfig config_;
-  /// The pool: block b of layer l is batch row l * num_blocks + b, [heads, block_size,
-  /// head_dim] in Layout.
+  /// The pool: layer l is batch row l, of num_blocks * block_size positions in Layout; block b
+  /// holds positions [b * block_size, (b + 1) * block_size) of it. With BHSD each head's
+  /// blocks are contiguous, so a sequence whose blocks are consecutive (a prefill into a fresh
+  /// pool) is one contiguous run per head, as in a contiguous cache.
   detail::KVStorage<T, Layout> storage_;
   std::vector<std::int32_t> refcounts_;  ///< (layer, block): holders (sequences, the index)
   std::vector<std::int32_t> free_;       ///< (layer, num_blocks): a stack of free blocks

@@ -240,13 +240,33 @@ void for_each_visible_block(const BlockTable<T>& table, const MaskRules& mask, I
   for_each_visible_run_block<T>(
       table.first_position, table.length, mask, first_t, last_t,
       [&](Index begin, Index count, int t) {
+        const Index slot = table.offset + begin;
+        const std::int32_t* id = table.ids + slot / table.block_size;
+        Index row = slot % table.block_size;
+        // Pool blocks that follow each other in memory (a prefill into free blocks) hold
+        // strided rows, as a segment does: no list, and the hardware sees one stream.
+        if (count > 0) {
+          const Index last_block = (slot + count - 1) / table.block_size - slot / table.block_size;
+          bool consecutive = true;
+          for (Index i = 1; i <= last_block && consecutive; ++i) consecutive = id[i] == id[0] + i;
+          if (consecutive && table.block_stride == table.block_size * table.strides.seq) {
+            const Index at = id[0] * table.block_stride + head_offset + row * table.strides.seq;
+            return std::make_pair(RowsOf<T>{nullptr, table.keys + at, table.strides.seq},
+                                  RowsOf<T>{nullptr, table.values + at, table.strides.seq});
+          }
+        }
         if (count > 0 && listed_from[t] != begin) {
-          for (Index j = 0; j < count; ++j) {
-            const Index slot = table.offset + begin + j;
-            const Index at = table.ids[slot / table.block_size] * table.block_stride +
-                             head_offset + slot % table.block_size * table.strides.seq;
-            keys[t][j] = table.keys + at;
-            values[t][j] = table.values + at;
+          // One division per listing: then walk the rows of each pool block in turn.
+          for (Index j = 0; j < count;) {
+            const Index at = *id * table.block_stride + head_offset;
+            const Index run = std::min(count - j, table.block_size - row);
+            // Invariant: rows [0, j) are listed; row j is row `row` of pool block *id.
+            for (Index r = 0; r < run; ++r, ++j) {
+              keys[t][j] = table.keys + at + (row + r) * table.strides.seq;
+              values[t][j] = table.values + at + (row + r) * table.strides.seq;
+            }
+            row = 0;
+            ++id;
           }
           listed_from[t] = begin;
         }
