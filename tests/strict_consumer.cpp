@@ -3,7 +3,9 @@
 // kind's update, both attend overloads, save and load, a model, freeze and a prefix must
 // compile without a warning from kvcache's headers (issue 13).
 #include <kvcache/kvcache.hpp>
+#include <cstdint>
 #include <sstream>
+#include <vector>
 template <class Cache>
 void exercise(Cache& cache) {
   using T = typename Cache::element_type;
@@ -29,4 +31,13 @@ int main() {
   auto frozen = a.freeze();
   kvcache::PrefixKVCache<float> p(frozen, 16);
   kvcache::Tensor4<float> k(1, 2, 1, 16), v(1, 2, 1, 16); k.setZero(); v.setZero(); p.update(k, v);
+  kvcache::PagedConfig config; config.num_blocks = 8; config.block_size = 4; config.num_heads = 2; config.head_dim = 16;
+  kvcache::PagedKVCache<Eigen::bfloat16, kvcache::BSHD> pool(config);
+  const auto id = pool.add_sequence(std::vector<std::int32_t>{1, 2, 3, 4, 5}).sequence;
+  kvcache::Tensor4<Eigen::bfloat16> pk(1, 1, 2, 16); pk.setZero(); pool.update(0, id, pk, pk);
+  pool.cache_prefix(id, {1});
+  kvcache::Tensor4<Eigen::bfloat16> pq(1, 2, 2, 16), pout(1, 2, 2, 16); pq.setZero();  // BSHD: 2 rows, 2 heads
+  kvcache::AttendWorkspace workspace;
+  kvcache::attend(pq, pool, 0, {id, pool.fork(id)}, {1, 1}, pout, workspace);
+  std::stringstream ps; pool.save(ps); (void)decltype(pool)::load(ps);
 }

@@ -13,6 +13,7 @@
 #include <map>
 #include <random>
 #include <set>
+#include <sstream>
 #include <thread>
 
 using namespace kvtest;
@@ -76,6 +77,7 @@ TEMPLATE_TEST_CASE("a paged pool under random operations holds what its sequence
     config.head_dim = 5;
     const RunStats stats = random_operations<T, L>(config, 2, 12, 800, false);
     CHECK(stats.out_of_blocks > 0);
+    CHECK(stats.reloads > 5);
   }
   SECTION("block_size 1 and one head") {
     config.num_blocks = 200;
@@ -299,4 +301,96 @@ TEST_CASE("concurrent ragged attends over shared blocks give the serial bits", "
     });
   for (auto& t : threads) t.join();
   for (int s : same) REQUIRE(s == 1);
+}
+
+namespace {
+
+/// A pool with forks, shared and copied blocks, free blocks in a used order, and two published
+/// prefixes that no sequence holds: {1, 2, 3} used last, {4, 5, 6} least recently.
+PagedKVCache<float, BSHD> busy_pool() {
+  PagedConfig config;
+  config.num_layers = 2;
+  config.num_blocks = 12;
+  config.block_size = 3;
+  config.num_heads = 2;
+  config.head_dim = 5;
+  PagedKVCache<float, BSHD> pool(config);
+  const Tensor4<float> seven = random_tensor<float, BSHD>(1, 2, 7, 5, 21);
+  const Tensor4<float> two = random_tensor<float, BSHD>(1, 2, 2, 5, 22);
+  const Tensor4<float> three = random_tensor<float, BSHD>(1, 2, 3, 5, 24);
+  const auto a = pool.add_sequence();
+  for (Index layer = 0; layer < 2; ++layer) pool.update(layer, a, seven, seven);
+  const auto b = pool.fork(a);
+  pool.update(0, b, two, two);  // copies the shared last block in layer 0 only
+  // {1, 2, 3} gets the lower block id: the recency must decide, not the id.
+  for (const std::vector<std::int32_t>& tokens : {std::vector<std::int32_t>{1, 2, 3},
+                                                  std::vector<std::int32_t>{4, 5, 6}}) {
+    const auto s = pool.add_sequence();
+    for (Index layer = 0; layer < 2; ++layer) pool.update(layer, s, three, three);
+    pool.cache_prefix(s, tokens);
+    pool.remove_sequence(s);
+  }
+  const auto c = pool.add_sequence(std::vector<std::int32_t>{4, 5, 6, 1}).sequence;
+  pool.remove_sequence(c);
+  const auto d = pool.add_sequence(std::vector<std::int32_t>{1, 2, 3}).sequence;  // most recent
+  pool.remove_sequence(d);
+  pool.remove_sequence(a);  // frees blocks in table order
+  pool.crop(b, 4);
+  return pool;
+}
+
+}  // namespace
+
+TEST_CASE("a saved pool loads into one that holds and behaves the same", "[paged][persistence]") {
+  PagedKVCache<float, BSHD> pool = busy_pool();
+  std::stringstream bytes;
+  pool.save(bytes);
+  PagedKVCache<float, BSHD> loaded = PagedKVCache<float, BSHD>::load(bytes);
+  REQUIRE(PoolSnapshot<float>(loaded) == PoolSnapshot<float>(pool));
+  REQUIRE(loaded.wasted_positions(0) == pool.wasted_positions(0));
+  REQUIRE(bytes.peek() == std::char_traits<char>::eof());
+  // The same operations from here take the same blocks, evict the same prefixes, match the same.
+  auto same_future = [](PagedKVCache<float, BSHD>& p) {
+    // Takes every free block and one more: the least recently used prefix, {4, 5, 6}, goes.
+    const Index free = p.free_blocks();
+    REQUIRE(p.evictable_blocks() == 2);
+    const Tensor4<float> rows = random_tensor<float, BSHD>(1, 2, 3 * (free + 1), 5, 23);
+    const auto e = p.add_sequence();
+    for (Index layer = 0; layer < 2; ++layer) p.update(layer, e, rows, rows);
+    REQUIRE(p.published_blocks() == 1);
+    return std::make_pair(p.add_sequence(std::vector<std::int32_t>{1, 2, 3}).cached,
+                          p.add_sequence(std::vector<std::int32_t>{4, 5, 6}).cached);
+  };
+  const auto want = same_future(pool);
+  REQUIRE(want == std::make_pair(Index(3), Index(0)));
+  REQUIRE(same_future(loaded) == want);
+  REQUIRE(PoolSnapshot<float>(loaded) == PoolSnapshot<float>(pool));
+  // The wrong type is refused by name.
+  std::stringstream again;
+  pool.save(again);
+  CHECK(contains(message_of([&] { PagedKVCache<float, BHSD>::load(again); }),
+                 "expected a PagedKVCache<float, BHSD>, got a PagedKVCache<float, BSHD>"));
+}
+
+TEST_CASE("a damaged pool record throws FormatError and nothing else", "[paged][persistence]") {
+  std::stringstream out;
+  busy_pool().save(out);
+  const std::string record = out.str();
+  // Every truncation, and every single-byte change, is a FormatError (checksums, then the
+  // consistency checks behind them).
+  for (std::size_t n = 0; n < record.size(); n += 7) {
+    std::stringstream in(record.substr(0, n));
+    REQUIRE_THROWS_AS((PagedKVCache<float, BSHD>::load(in)), kvcache::FormatError);
+  }
+  for (std::size_t i = 0; i < record.size(); i += 3) {
+    std::string damaged = record;
+    damaged[i] = static_cast<char>(damaged[i] ^ 0x24);
+    std::stringstream in(damaged);
+    REQUIRE_THROWS_AS((PagedKVCache<float, BSHD>::load(in)), kvcache::FormatError);
+  }
+  kvcache::LoadLimits small;
+  small.max_memory_bytes = 100;
+  std::stringstream in(record);
+  CHECK(contains(message_of([&] { PagedKVCache<float, BSHD>::load(in, small); }),
+                 "LoadLimits::max_memory_bytes"));
 }

@@ -54,6 +54,7 @@ enum class CacheKind : std::uint8_t {
   frozen_cache = 5,
   model_cache = 6,
   mixed_model_cache = 7,  ///< a ModelKVCache of std::variant layers: a table of layer types
+  paged_cache = 8,
 };
 
 /// Whether a record kind is a model (a header of num_layers, then layer records).
@@ -139,6 +140,7 @@ inline const char* kind_name(std::uint8_t kind) {
     case CacheKind::frozen_cache: return "FrozenKVCache";
     case CacheKind::model_cache: return "ModelKVCache";
     case CacheKind::mixed_model_cache: return "ModelKVCache of mixed layers";
+    case CacheKind::paged_cache: return "PagedKVCache";
   }
   return nullptr;
 }
@@ -205,8 +207,14 @@ struct RecordHeader {
   Index residual_length = 0;
   Index quantized_positions = 0;  ///< quantized_size(): positions [0, this) are blocks
   Index tail_slots = 0;           ///< slots of the unquantized tail ring
-  // models
+  // models and paged pools
   Index num_layers = 0;
+  // paged pools
+  Index num_blocks = 0;
+  Index block_size = 0;
+  Index num_sequences = 0;
+  Index published_blocks = 0;
+  Index next_sequence_id = 0;
 };
 
 struct HeaderField {
@@ -217,6 +225,15 @@ struct HeaderField {
 /// The uint64 fields of a record of this kind, in file order.
 inline std::vector<HeaderField> header_fields(std::uint8_t kind) {
   if (is_model_kind(kind)) return {{"num_layers", &RecordHeader::num_layers}};
+  if (kind == static_cast<std::uint8_t>(CacheKind::paged_cache))
+    return {{"num_layers", &RecordHeader::num_layers},
+            {"num_blocks", &RecordHeader::num_blocks},
+            {"block_size", &RecordHeader::block_size},
+            {"num_heads", &RecordHeader::num_heads},
+            {"head_dim", &RecordHeader::head_dim},
+            {"num_sequences", &RecordHeader::num_sequences},
+            {"published_blocks", &RecordHeader::published_blocks},
+            {"next_sequence_id", &RecordHeader::next_sequence_id}};
   std::vector<HeaderField> fields = {{"batch_size", &RecordHeader::batch_size},
                                      {"num_heads", &RecordHeader::num_heads},
                                      {"head_dim", &RecordHeader::head_dim},
@@ -320,9 +337,14 @@ inline RecordHeader read_record_header(Reader& reader, const RecordType& expecte
     header.*field.member = static_cast<Index>(value);
   }
   if (!is_model_kind(header.type.kind)) {
-    for (const auto& [name, value] : {std::pair<const char*, Index>{"batch_size", header.batch_size},
-                                      {"num_heads", header.num_heads},
-                                      {"head_dim", header.head_dim}})
+    const bool paged = header.type.kind == static_cast<std::uint8_t>(CacheKind::paged_cache);
+    for (const auto& [name, value] :
+         {std::pair<const char*, Index>{paged ? "num_layers" : "batch_size",
+                                        paged ? header.num_layers : header.batch_size},
+          {paged ? "num_blocks" : "num_heads", paged ? header.num_blocks : header.num_heads},
+          {paged ? "block_size" : "head_dim", paged ? header.block_size : header.head_dim},
+          {"num_heads", header.num_heads},
+          {"head_dim", header.head_dim}})
       if (value < 1) reader.fail(name, ": expected at least 1, got ", value);
     // No cache reaches a position, size, capacity or extent beyond max_position (an update
     // past it throws; storage that large exceeds any memory): a record beyond it describes a

@@ -85,6 +85,7 @@ template <class T>
 struct PoolSnapshot {
   std::vector<SequenceId> ids;
   std::vector<Index> sizes;
+  std::vector<std::int32_t> tables;  ///< the pool blocks of each sequence and layer, in order
   std::vector<Tensor4<T>> tensors;
   Index free_blocks, published, evictable;
 
@@ -97,12 +98,14 @@ struct PoolSnapshot {
     for (auto s : ids)
       for (Index layer = 0; layer < pool.num_layers(); ++layer) {
         sizes.push_back(pool.size(s, layer));
+        const auto table = pool.attention_view(layer, s).paged;
+        for (Index i = 0; i * pool.block_size() < table.length; ++i) tables.push_back(table.ids[i]);
         tensors.push_back(pool.keys(layer, s));
         tensors.push_back(pool.values(layer, s));
       }
   }
   bool operator==(const PoolSnapshot& o) const {
-    if (ids != o.ids || sizes != o.sizes || free_blocks != o.free_blocks ||
+    if (ids != o.ids || sizes != o.sizes || tables != o.tables || free_blocks != o.free_blocks ||
         published != o.published || evictable != o.evictable)
       return false;
     for (std::size_t i = 0; i < tensors.size(); ++i)
@@ -181,6 +184,7 @@ struct RunStats {
   int rejected = 0;           ///< invalid calls refused with the expected exception
   Index matched_positions = 0;
   int attends = 0;
+  int reloads = 0;            ///< save + load round trips
 };
 
 /// Random operations on a pool of `config` (q_heads query heads for the attends).
@@ -227,7 +231,7 @@ RunStats run_operations(const PagedConfig& config, Index q_heads, int steps, boo
   };
 
   for (int step = 0; step < steps && !done(); ++step) {
-    const Index op = live.empty() ? choose(0, 1) : choose(0, 10);
+    const Index op = live.empty() ? choose(0, 1) : choose(0, 11);
     const std::string at = describe_failure("step ", step, " op ", op);
     if (op == 0) {
       const auto id = pool.add_sequence();
@@ -325,6 +329,13 @@ RunStats run_operations(const PagedConfig& config, Index q_heads, int steps, boo
                                   expect(ok, at + ": " + what);
                                 });
       ++stats.attends;
+    } else if (op == 11) {  // save and load: the loaded pool holds the same and carries on
+      std::stringstream bytes;
+      pool.save(bytes);
+      PagedKVCache<T, L> loaded = PagedKVCache<T, L>::load(bytes);
+      expect(PoolSnapshot<T>(loaded) == PoolSnapshot<T>(pool), at + ": a loaded pool differs");
+      pool = std::move(loaded);
+      ++stats.reloads;
     } else {  // an invalid call: the predicted exception, the pool unchanged
       const auto s = random_live();
       const ModelSequence& m = live[s];

@@ -106,15 +106,19 @@ class PrefixIndex {
     }
   }
 
-  /// Evicts the least recently used leaf that unheld(node) says nothing but the index holds,
-  /// calling release(layer, block) for its blocks; false when there is none.
+  /// Evicts the least recently used leaf that unheld(node) says nothing but the index holds
+  /// (ties, the blocks of one publication, go by layer-0 block id: no choice depends on where
+  /// a node sits in the arena, so a loaded index evicts as the saved one would), calling
+  /// release(layer, block) for its blocks; false when there is none.
   template <class Unheld, class Release>
   bool evict_one(Unheld&& unheld, Release&& release) {
     std::int32_t victim = kNone;
     for (std::int32_t n = 0; n < static_cast<std::int32_t>(nodes_.size()); ++n) {
       const Node& candidate = node(n);
       if (!candidate.in_use || candidate.first_child != kNone || !unheld(n)) continue;
-      if (victim == kNone || candidate.last_used < node(victim).last_used) victim = n;
+      if (victim == kNone || candidate.last_used < node(victim).last_used ||
+          (candidate.last_used == node(victim).last_used && block(n, 0) < block(victim, 0)))
+        victim = n;
     }
     if (victim == kNone) return false;
     remove(victim, release);
@@ -143,6 +147,38 @@ class PrefixIndex {
   void for_each_node(F&& f) const {
     visit_children(kNone, f);
   }
+
+  /// The use count of the last match or publication that touched node, and the latest.
+  std::uint64_t last_used(std::int32_t n) const { return node(n).last_used; }
+  std::uint64_t tick() const { return tick_; }
+
+  /// Adds a node as a loader found it (persistence): the child of parent (kNone: the root)
+  /// with these tokens, blocks (one per layer) and use count. Returns the node, or kNone when
+  /// the parent has a child of the same tokens or the layer-0 block is already a node's: such
+  /// an index was not written by this class. Takes no references (the caller counts them).
+  std::int32_t restore(std::int32_t parent, const std::int32_t* tokens, const std::int32_t* blocks,
+                       std::uint64_t last_used) {
+    if (find_child(parent, tokens) != kNone || free_nodes_.empty() ||
+        node_of_block_[static_cast<std::size_t>(blocks[0])] != kNone)
+      return kNone;
+    const std::int32_t n = free_nodes_.back();
+    free_nodes_.pop_back();
+    Node& added = node(n);
+    added = Node{};
+    added.in_use = true;
+    added.parent = parent;
+    added.hash = hash_of(tokens);
+    added.last_used = last_used;
+    std::copy_n(tokens, block_size_, tokens_.begin() + n * block_size_);
+    std::copy_n(blocks, num_layers_, blocks_.begin() + n * num_layers_);
+    node_of_block_[static_cast<std::size_t>(blocks[0])] = n;
+    link(parent, n);
+    tick_ = std::max(tick_, last_used);
+    return n;
+  }
+
+  /// Sets the use count (persistence; at least every node's).
+  void set_tick(std::uint64_t tick) { tick_ = std::max(tick_, tick); }
 
  private:
   struct Node {
