@@ -11,6 +11,7 @@
 #include <kvcache/persistence.hpp>
 
 #include <algorithm>
+#include <cassert>
 #include <cstdint>
 #include <limits>
 #include <istream>
@@ -330,10 +331,10 @@ class PagedKVCache {
           writer.write_unsigned(static_cast<std::uint32_t>(b), "block table");
         });
     }
-    // Nodes parents first; a node names its parent by its place in this list.
+    // Nodes depth first; a node names its parent by its place in this list.
     std::vector<std::int32_t> ordinal(detail::count(config_.num_blocks), -1);
     std::int32_t written = 0;
-    index_.for_each_node([&](std::int32_t node, std::int32_t parent, const std::int32_t* tokens) {
+    index_.for_each_node_to_restore([&](std::int32_t node, std::int32_t parent, const std::int32_t* tokens) {
       ordinal[detail::count(node)] = written++;
       writer.write_unsigned(parent == PrefixIndex::kNone
                                 ? kNoParent
@@ -446,11 +447,15 @@ class PagedKVCache {
     std::vector<LoadedNode> nodes;
     std::set<std::pair<std::uint32_t, std::vector<std::int32_t>>> edges;
     std::vector<bool> first_blocks(detail::count(h.num_blocks), false);
+    std::vector<std::uint32_t> path;  // the previous node and its ancestors (depth-first order)
     for (Index n = 0; n < h.published_blocks; ++n) {
       LoadedNode node;
       node.parent = reader.read_unsigned<std::uint32_t>("prefix parent");
-      if (node.parent != kNoParent && node.parent >= static_cast<std::uint64_t>(n))
-        reader.fail("prefix parent: expected an earlier node (below ", n, ") or 0xFFFFFFFF, got ", node.parent);
+      while (!path.empty() && path.back() != node.parent) path.pop_back();
+      if (node.parent != kNoParent && path.empty())
+        reader.fail("prefix parent: expected 0xFFFFFFFF or the previous node or one of its "
+                    "ancestors (depth-first order), got ", node.parent, " for node ", n);
+      path.push_back(static_cast<std::uint32_t>(n));
       node.last_used = reader.read_unsigned<std::uint64_t>("prefix last use");
       for (Index i = 0; i < h.block_size; ++i)
         node.tokens.push_back(static_cast<std::int32_t>(reader.read_unsigned<std::uint32_t>("prefix tokens")));
@@ -516,6 +521,7 @@ class PagedKVCache {
       const std::int32_t parent = node.parent == kNoParent ? PrefixIndex::kNone
                                                            : restored[node.parent];
       restored.push_back(pool.index_.restore(parent, node.tokens.data(), node.blocks.data(), node.last_used));
+      assert(restored.back() != PrefixIndex::kNone && "kvcache: checked above");
       for (std::size_t l = 0; l < layers; ++l) pool.retain(static_cast<Index>(l), node.blocks[l]);
     }
     pool.index_.set_tick(tick);

@@ -334,6 +334,9 @@ RunStats run_operations(const PagedConfig& config, Index q_heads, int steps, boo
       pool.save(bytes);
       PagedKVCache<T, L> loaded = PagedKVCache<T, L>::load(bytes);
       expect(PoolSnapshot<T>(loaded) == PoolSnapshot<T>(pool), at + ": a loaded pool differs");
+      std::stringstream again;
+      loaded.save(again);
+      expect(again.str() == bytes.str(), at + ": save(load(record)) is not the record");
       pool = std::move(loaded);
       ++stats.reloads;
     } else {  // an invalid call: the predicted exception, the pool unchanged

@@ -148,6 +148,24 @@ class PrefixIndex {
     visit_children(kNone, f);
   }
 
+  /// Calls f(node, parent, tokens) for every node in the order restore() rebuilds the index
+  /// from: depth first, parents before children, each node's children in the reverse of their
+  /// list order (restore() puts each new child first). So saving in this order, restoring and
+  /// saving again writes the same bytes.
+  template <class F>
+  void for_each_node_to_restore(F&& f) const {
+    std::int32_t n = last_child_of(kNone);
+    while (n != kNone) {
+      f(n, node(n).parent, tokens_.data() + n * block_size_);
+      if (node(n).first_child != kNone) {
+        n = last_child_of(n);
+        continue;
+      }
+      while (n != kNone && node(n).prev_sibling == kNone) n = node(n).parent;
+      if (n != kNone) n = node(n).prev_sibling;
+    }
+  }
+
   /// The use count of the last match or publication that touched node, and the latest.
   std::uint64_t last_used(std::int32_t n) const { return node(n).last_used; }
   std::uint64_t tick() const { return tick_; }
@@ -198,6 +216,12 @@ class PrefixIndex {
   }
   std::int32_t first_child_of(std::int32_t parent) const {
     return parent == kNone ? root_first_child_ : node(parent).first_child;
+  }
+
+  std::int32_t last_child_of(std::int32_t parent) const {
+    std::int32_t c = first_child_of(parent);
+    while (c != kNone && node(c).next_sibling != kNone) c = node(c).next_sibling;
+    return c;
   }
 
   /// FNV-1a over the block's token ids: a quick filter before comparing the ids themselves.
