@@ -23,9 +23,16 @@ if(NOT output MATCHES "check: static == dynamic == no-cache: yes")
 endif()
 # Every cache kind has a row in the table: its name, then numbers.
 foreach(row IN ITEMS "static" "dynamic" "window 8\\+2 sinks" "int8" "int4" "prefix 16 \\+ 2 seqs"
-                     "no cache")
+                     "paged, 2 batched" "no cache")
   if(NOT output MATCHES "\n${row} +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9]+/[0-9]+ ")
     string(APPEND failures "\n  no table row for '${row}'")
+  endif()
+endforeach()
+# The paged pool serves the prefix run's requests batched: the same tokens, request by request
+# (all 8 of --new-tokens).
+foreach(request IN ITEMS 0 1)
+  if(NOT output MATCHES "paged seq ${request}: 8/8 tokens equal to prefix seq ${request}'s")
+    string(APPEND failures "\n  paged seq ${request} does not generate the prefix run's tokens")
   endif()
 endforeach()
 if(failures)

@@ -17,8 +17,9 @@
 // but the arithmetic is the real thing: the same prompt runs through a StaticKVCache (the
 // reference), a DynamicKVCache, a SlidingWindowKVCache with attention sinks, Int8KVCache and
 // Int4KVCache, a shared system prompt frozen once and continued by several PrefixKVCache
-// sequences, and a baseline without any cache that recomputes the whole sequence for every
-// new token. The table says how fast each one is, how much memory it holds, and how far its
+// sequences, the same requests served together from one PagedKVCache (prefix blocks found by
+// token id, one batched forward pass and one ragged attend per layer per step), and a baseline
+// without any cache that recomputes the whole sequence for every new token. The table says how fast each one is, how much memory it holds, and how far its
 // tokens and logits are from the static cache's. Static, dynamic and no-cache must agree token
 // for token: the demo exits with status 1 when they do not.
 //
@@ -379,16 +380,16 @@ Matrix rms_norm(const Matrix& x, const Vector& gain) {
   return y;
 }
 
-// Rotary position embedding (Su et al. 2021), in place. x holds one token per row, at absolute
-// positions first_position, first_position + 1, ..., as `heads` heads of head_dim. Each head's
+// Rotary position embedding (Su et al. 2021), in place. x holds one token per row, row r at
+// absolute position positions[r], as `heads` heads of head_dim. Each head's
 // dimension pairs (i, i + head_dim/2) - the Hugging Face "rotate_half" pairing - are rotated by
 // the angle position * theta^(-2i / head_dim), so the dot product of a rotated query and key
 // depends on their relative position only. Applied to q and k before k enters the cache: the
 // cache holds keys at their absolute positions and never needs to rotate them again.
-void apply_rope(Matrix& x, Index heads, Index first_position, const Model& model) {
+void apply_rope(Matrix& x, Index heads, const Index* positions, const Model& model) {
   const Index half = model.config.head_dim / 2;
   for (Index r = 0; r < x.rows(); ++r) {
-    const Index position = first_position + r;
+    const Index position = positions[r];
     for (Index h = 0; h < heads; ++h) {
       float* head = x.row(r).data() + h * model.config.head_dim;
       for (Index i = 0; i < half; ++i) {
@@ -409,15 +410,17 @@ Eigen::TensorMap<const Tensor4> as_tensor(const Matrix& m, Index heads, Index he
   return Eigen::TensorMap<const Tensor4>(m.data(), 1, m.rows(), heads, head_dim);
 }
 
-// The forward pass over n tokens at absolute positions first_position, first_position + 1, ...
-// Returns the logits of the last one (all that greedy decoding needs).
+// The forward pass over n rows of tokens, row r the token tokens[r] at absolute position
+// positions[r] (the rows of one sequence, or of several: a batch). Returns the logits of the
+// rows listed in `outputs`, one row each.
 //
-// attention(layer, q, k, v) is where a KV cache comes in (or does not): it gets the n tokens'
+// attention(layer, q, k, v) is where a KV cache comes in (or does not): it gets the n rows'
 // queries, keys and values after RoPE, each [n, heads * head_dim], and returns the attention
 // output [n, heads * head_dim] of the n queries, over whatever keys it keeps.
 template <class Attention>
-RowVector forward(const Model& model, const Compute& compute, const int* tokens, Index n,
-                  Index first_position, Attention&& attention) {
+Matrix forward_rows(const Model& model, const Compute& compute, const int* tokens,
+                    const Index* positions, Index n, const std::vector<Index>& outputs,
+                    Attention&& attention) {
   const Config& c = model.config;
   Matrix h(n, c.hidden);  // the residual stream, one row per token
   for (Index r = 0; r < n; ++r) h.row(r) = model.embedding.row(tokens[r]);
@@ -430,8 +433,8 @@ RowVector forward(const Model& model, const Compute& compute, const int* tokens,
     compute.linear(a, b.wq, q);
     compute.linear(a, b.wk, k);
     compute.linear(a, b.wv, v);
-    apply_rope(q, c.heads, first_position, model);
-    apply_rope(k, c.kv_heads, first_position, model);
+    apply_rope(q, c.heads, positions, model);
+    apply_rope(k, c.kv_heads, positions, model);
     const Matrix attended = attention(layer, q, k, v);
     compute.linear(attended, b.wo, projected);
     h += projected;
@@ -443,11 +446,22 @@ RowVector forward(const Model& model, const Compute& compute, const int* tokens,
     compute.linear(gate, b.w_down, projected);
     h += projected;
   }
-  // Output head, tied to the embedding: logits = RMSNorm(h_last) embedding^T.
-  const Matrix last = rms_norm(h.bottomRows(1), model.final_norm);
+  // Output head, tied to the embedding: logits = RMSNorm(h_r) embedding^T for the rows asked.
+  Matrix selected(static_cast<Index>(outputs.size()), c.hidden);
+  for (std::size_t i = 0; i < outputs.size(); ++i) selected.row(static_cast<Index>(i)) = h.row(outputs[i]);
   Matrix logits;
-  compute.linear(last, model.embedding, logits);
-  return logits.row(0);
+  compute.linear(rms_norm(selected, model.final_norm), model.embedding, logits);
+  return logits;
+}
+
+// The forward pass over n tokens of one sequence at absolute positions first_position,
+// first_position + 1, ...; returns the logits of the last one (all greedy decoding needs).
+template <class Attention>
+RowVector forward(const Model& model, const Compute& compute, const int* tokens, Index n,
+                  Index first_position, Attention&& attention) {
+  std::vector<Index> positions(static_cast<std::size_t>(n));
+  for (Index r = 0; r < n; ++r) positions[static_cast<std::size_t>(r)] = first_position + r;
+  return forward_rows(model, compute, tokens, positions.data(), n, {n - 1}, attention).row(0);
 }
 
 // The greedy choice: the first token of largest logit.
@@ -633,6 +647,131 @@ std::vector<Run> run_prefix(const Model& model, const Compute& compute, const To
   return runs;
 }
 
+// The serving scenario: the same `continuations` requests as run_prefix (the prompt, its last
+// token changed by i), served together from one PagedKVCache (every layer in one pool of
+// 16-token blocks). Request 0 prefills the whole prompt and publishes its blocks by token id
+// (cache_prefix); each other request starts from the longest published block-aligned prefix
+// (add_sequence(tokens): the blocks are shared, not copied) and prefills only the rest, all of
+// them in one batched forward pass. Then every decode step runs one forward pass over one row
+// per request: the weights are read once per step for the whole batch, and each layer's
+// attention is one ragged attend over the requests' block tables.
+struct PagedServing {
+  std::vector<Run> runs;    // per request: its tokens (for the comparison with run_prefix)
+  Run total;                // speed and memory of the batch
+  Index cached_positions = 0, prefilled_positions = 0;
+};
+
+PagedServing run_paged(const Model& model, const Compute& compute, const Tokens& prompt,
+                       const kvcache::AttendOptions& options, const Progress& progress) {
+  using Pool = kvcache::PagedKVCache<float, Layout>;
+  const Config& c = model.config;
+  const Index requests = c.continuations, block_size = 16;
+  const Index length = c.prompt + c.new_tokens;
+  kvcache::PagedConfig pool_config;
+  pool_config.num_layers = c.layers;
+  pool_config.num_blocks = requests * ((length + block_size - 1) / block_size);
+  pool_config.block_size = block_size;
+  pool_config.num_heads = c.kv_heads;
+  pool_config.head_dim = c.head_dim;
+  Pool pool(pool_config);
+  kvcache::AttendWorkspace workspace;
+
+  PagedServing serving;
+  serving.total.name = "paged, " + std::to_string(requests) + " batched";
+  std::vector<Pool::SequenceId> ids;
+  std::vector<Tokens> prompts;
+  for (Index i = 0; i < requests; ++i) {
+    Tokens p = prompt;
+    p.back() = static_cast<int>((p.back() + i) % c.vocab);
+    prompts.push_back(p);
+    Run run;
+    run.name = "paged seq " + std::to_string(i);
+    serving.runs.push_back(run);
+  }
+  // The rows of one forward pass: which request each belongs to, its token and position.
+  std::vector<Index> q_lens, outputs, positions;
+  Tokens tokens;
+  auto attention = [&](Index layer, const Matrix& q, const Matrix& k, const Matrix& v) -> Matrix {
+    Index row = 0;
+    for (std::size_t i = 0; i < ids.size(); ++i) {  // each request's rows are consecutive
+      const Index n = q_lens[i];
+      const Eigen::TensorMap<const Tensor4> ki(k.data() + row * k.cols(), 1, n, c.kv_heads, c.head_dim);
+      const Eigen::TensorMap<const Tensor4> vi(v.data() + row * v.cols(), 1, n, c.kv_heads, c.head_dim);
+      pool.update(layer, ids[i], ki, vi);
+      row += n;
+    }
+    Matrix out(q.rows(), q.cols());
+    Eigen::TensorMap<Tensor4> out_tensor(out.data(), 1, q.rows(), c.heads, c.head_dim);
+    kvcache::attend(as_tensor(q, c.heads, c.head_dim), pool, layer, ids, q_lens, out_tensor,
+                    workspace, options);
+    return out;
+  };
+  // Runs one batched forward pass over the rows gathered for `ids` and appends each request's
+  // greedy token.
+  auto step = [&](double& seconds, Index& counted) {
+    const auto start = Clock::now();
+    outputs.clear();
+    Index end = 0;
+    for (Index n : q_lens) outputs.push_back((end += n) - 1);
+    const Matrix logits = forward_rows(model, compute, tokens.data(), positions.data(),
+                                       static_cast<Index>(tokens.size()), outputs, attention);
+    seconds += seconds_since(start);
+    counted += static_cast<Index>(tokens.size());
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      Run& run = serving.runs[static_cast<std::size_t>(ids[i])];
+      run.logits.push_back(logits.row(static_cast<Index>(i)));
+      run.tokens.push_back(argmax(run.logits.back()));
+    }
+  };
+  auto add_rows = [&](Pool::SequenceId id, const Tokens& sequence, Index from) {
+    ids.push_back(id);
+    q_lens.push_back(static_cast<Index>(sequence.size()) - from);
+    for (Index p = from; p < static_cast<Index>(sequence.size()); ++p) {
+      tokens.push_back(sequence[static_cast<std::size_t>(p)]);
+      positions.push_back(p);
+    }
+  };
+  auto clear_rows = [&] { ids.clear(); q_lens.clear(); tokens.clear(); positions.clear(); };
+
+  // Prefill: request 0 alone (it publishes the shared blocks), then the others in one batch.
+  Run& total = serving.total;
+  const Pool::SequenceId first = pool.add_sequence();  // ids count from 0: request i is id i
+  add_rows(first, prompts[0], 0);
+  step(total.prefill_seconds, total.prefill_tokens);
+  pool.cache_prefix(first, std::vector<std::int32_t>(prompts[0].begin(), prompts[0].end()));
+  serving.prefilled_positions += c.prompt;
+  clear_rows();
+  for (Index i = 1; i < requests; ++i) {
+    const auto& p = prompts[static_cast<std::size_t>(i)];
+    const Pool::Match match = pool.add_sequence(std::vector<std::int32_t>(p.begin(), p.end()));
+    serving.cached_positions += match.cached;
+    serving.prefilled_positions += c.prompt - match.cached;
+    add_rows(match.sequence, p, match.cached);
+  }
+  if (!ids.empty()) step(total.prefill_seconds, total.prefill_tokens);
+  progress.show(total.name, 1, c.new_tokens);
+
+  // Decode: one row per request per step.
+  for (Index s = 1; s < c.new_tokens; ++s) {
+    clear_rows();
+    for (Index i = 0; i < requests; ++i) {
+      const Run& run = serving.runs[static_cast<std::size_t>(i)];
+      ids.push_back(i);
+      q_lens.push_back(1);
+      tokens.push_back(run.tokens.back());
+      positions.push_back(c.prompt + s - 1);
+    }
+    step(total.decode_seconds, total.decode_tokens);
+    progress.show(total.name, s + 1, c.new_tokens);
+  }
+  progress.clear();
+  total.memory_bytes = static_cast<std::size_t>(pool.num_blocks() - pool.free_blocks()) *
+                       pool.memory_bytes() / static_cast<std::size_t>(pool.num_blocks());
+  total.tokens = serving.runs.front().tokens;
+  total.logits = serving.runs.front().logits;
+  return serving;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Comparison and report
 // ---------------------------------------------------------------------------------------------
@@ -769,6 +908,8 @@ int main(int argc, char** argv) {
     prefix.memory_bytes += s.memory_bytes;
   }
   runs.push_back(prefix);
+  const PagedServing paged = run_paged(model, compute, prompt, options, progress);
+  runs.push_back(paged.total);
   runs.push_back(run_without_cache(model, compute, prompt, options, progress));
 
   const Run& reference = runs.front();
@@ -798,6 +939,19 @@ int main(int argc, char** argv) {
   std::printf("  %ld independent static caches would hold %.2f MiB; shared: %.2f MiB\n",
               long(c.continuations), double(c.continuations) * mib(reference.memory_bytes),
               mib(prefix.memory_bytes));
+
+  std::printf(
+      "\npaged serving: the same %ld requests from one PagedKVCache (16-token blocks), batched: "
+      "%ld prompt\n  positions found cached by token id (shared blocks), %ld prefilled; %.2f "
+      "MiB of blocks in use\n",
+      long(c.continuations), long(paged.cached_positions), long(paged.prefilled_positions),
+      mib(paged.total.memory_bytes));
+  for (std::size_t i = 0; i < paged.runs.size() && i < sequences.size(); ++i) {
+    const Comparison cmp = compare(paged.runs[i], sequences[i]);
+    std::printf("  %s: %ld/%ld tokens equal to prefix seq %zu's; max |dlogit| %.3g\n",
+                paged.runs[i].name.c_str(), long(cmp.same_tokens), long(cmp.compared), i,
+                double(cmp.max_logit_difference));
+  }
 
   std::printf("\nstatic tokens: %s\n", first_tokens(reference.tokens, 16).c_str());
   const Run& dynamic = runs[1];
