@@ -31,11 +31,15 @@
 //     prefill_saved      prefill positions not computed thanks to the prefix index
 //     prompt_prefills    requests that prefilled the system prompt themselves (goal 1)
 //     decode_tok_per_s   generated tokens / wall time of the workload
+//   With KVCACHE_SERVING_TRACE=DIR, each run also writes DIR/serving_bs<B>_thr<T>.csv, one line
+//   per step (active requests, rows, the two memories, waste), which scripts/plot_bench.py
+//   --serving turns into a plot.
 #include "bench_common.hpp"
 
 #include <algorithm>
 #include <chrono>
-#include <deque>
+#include <cstdlib>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -160,6 +164,12 @@ void serving(benchmark::State& state, Index block_size, int threads) {
   };
   double peak_paged = 0, peak_dynamic = 0, waste_sum = 0, steps = 0, asked = 0, found = 0,
          generated_tokens = 0, seconds = 0, prompt_prefills = 0;
+  std::ofstream trace;
+  if (const char* dir = std::getenv("KVCACHE_SERVING_TRACE")) {
+    trace.open(std::string(dir) + "/serving_bs" + std::to_string(block_size) + "_thr" +
+               std::to_string(threads) + ".csv");
+    trace << "step,active,rows,paged_MiB,per_request_MiB,waste_pct\n";
+  }
   for (auto _ : state) {
     kvcache::PagedConfig config;
     config.num_blocks = 2048 * 16 / block_size;
@@ -222,11 +232,18 @@ void serving(benchmark::State& state, Index block_size, int threads) {
       peak_dynamic = std::max(peak_dynamic, dynamic_positions * per_position);
       const Index published_only = pool.evictable_blocks();
       const Index used = pool.num_blocks() - pool.free_blocks() - published_only;
+      const double waste = used > 0 ? static_cast<double>(pool.wasted_positions()) /
+                                          static_cast<double>(used * block_size)
+                                    : 0.0;
       if (used > 0) {
-        waste_sum += static_cast<double>(pool.wasted_positions()) /
-                     static_cast<double>(used * block_size);
+        waste_sum += waste;
         steps += 1;
       }
+      if (trace.is_open())
+        trace << static_cast<Index>(steps) << ',' << active.size() << ',' << total_rows << ','
+              << static_cast<double>(held_blocks) * block_bytes / (1024.0 * 1024.0) << ','
+              << dynamic_positions * per_position / (1024.0 * 1024.0) << ',' << 100.0 * waste
+              << '\n';
       // Finished requests leave; their slots go to the next ones.
       for (std::size_t i = 0; i < active.size();) {
         if (active[i].generated == kGenerated) {
