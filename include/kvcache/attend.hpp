@@ -20,6 +20,20 @@
 namespace kvcache {
 namespace detail {
 
+/// Checks the caller's output of the allocation-free attend(): writable (else compilation
+/// stops with one message) and of q's shape (else std::invalid_argument naming both).
+template <class Layout, class Out>
+void check_out(const char* where, const Out& out, const std::array<Index, 4>& q_dims) {
+  static_assert(!std::is_const_v<typename Out::Scalar> && !std::is_const_v<Out>,
+                "kvcache: attend's out must be writable (a Tensor4 or a TensorMap of a "
+                "non-const Tensor4)");
+  const auto out_dims = out.dimensions();
+  const std::array<Index, 4> out_shape{out_dims[0], out_dims[1], out_dims[2], out_dims[3]};
+  if (out_shape != q_dims)
+    throw_invalid_argument(where, ": expected out of q's shape ", describe_dims<Layout>(q_dims),
+                           "; got ", describe_dims<Layout>(out_shape));
+}
+
 /// Checks the options every attend() reads the same way (window, softcap, scale) and returns
 /// the score parameters: scale (default 1 / sqrt(head_dim)) and softcap.
 template <class Acc>
@@ -160,17 +174,8 @@ void attend(const Q& q, const Cache& cache, Out&& out, AttendWorkspace& workspac
   detail::check_input_tensor<T, Q>();
   detail::check_input_tensor<T, OutTensor>();
   if constexpr (detail::is_tensor4_v<Q> && detail::is_tensor4_v<OutTensor>) {
-    static_assert(!std::is_const_v<typename OutTensor::Scalar> && !std::is_const_v<OutTensor>,
-                  "kvcache: attend's out must be writable (a Tensor4 or a TensorMap of a "
-                  "non-const Tensor4)");
     const detail::ConstView4<T> q_view = detail::view_of(q);
-    const auto out_dims = out.dimensions();
-    const std::array<Index, 4> out_shape{out_dims[0], out_dims[1], out_dims[2], out_dims[3]};
-    if (out_shape != q_view.dims)
-      detail::throw_invalid_argument(
-          "attend: expected out of q's shape ",
-          detail::describe_dims<typename Cache::layout_type>(q_view.dims), "; got ",
-          detail::describe_dims<typename Cache::layout_type>(out_shape));
+    detail::check_out<typename Cache::layout_type>("attend", out, q_view.dims);
     detail::attend_view<typename Cache::layout_type, detail::KernelVariant::kFast,
                         holds_quantized_blocks_v<Cache>>("attend", q_view, cache.attention_view(),
                                                          options, out.data(), workspace);

@@ -49,9 +49,6 @@ void attend(const Q& q, const PagedKVCache<T, Layout>& cache, Index layer,
   detail::check_input_tensor<T, Q>();
   detail::check_input_tensor<T, OutTensor>();
   if constexpr (detail::is_tensor4_v<Q> && detail::is_tensor4_v<OutTensor>) {
-    static_assert(!std::is_const_v<typename OutTensor::Scalar> && !std::is_const_v<OutTensor>,
-                  "kvcache: attend's out must be writable (a Tensor4 or a TensorMap of a "
-                  "non-const Tensor4)");
     if (layer < 0 || layer >= cache.num_layers())
       throw std::out_of_range(detail::message("kvcache: ", where, ": layer must be in [0, ",
                                               cache.num_layers(), "), got ", layer));
@@ -81,12 +78,7 @@ void attend(const Q& q, const PagedKVCache<T, Layout>& cache, Index layer,
                                             std::to_string(total) + " (sum of q_lens)",
                                             std::to_string(cache.head_dim())),
           "; got ", detail::describe_dims<Layout>(q_view.dims));
-    const auto out_dims = out.dimensions();
-    const std::array<Index, 4> out_shape{out_dims[0], out_dims[1], out_dims[2], out_dims[3]};
-    if (out_shape != q_view.dims)
-      detail::throw_invalid_argument(where, ": expected out of q's shape ",
-                                     detail::describe_dims<Layout>(q_view.dims), "; got ",
-                                     detail::describe_dims<Layout>(out_shape));
+    detail::check_out<Layout>(where, out, q_view.dims);
     const detail::ScoreParams<Acc> score = detail::checked_score<Acc>(where, options, qs.head_dim);
     if (options.key_mask != nullptr) {
       const auto& m = *options.key_mask;

@@ -82,24 +82,9 @@ class PrefixIndex {
       const std::int32_t* edge = tokens + depth * block_size_;
       std::int32_t child = find_child(parent, edge);
       if (child == kNone) {
-        const std::int32_t first = block_of(depth, Index(0));
-        if (node_of_block_[static_cast<std::size_t>(first)] != kNone || free_nodes_.empty())
-          return;
-        child = free_nodes_.back();
-        free_nodes_.pop_back();
-        Node& n = node(child);
-        n = Node{};
-        n.in_use = true;
-        n.parent = parent;
-        n.hash = hash_of(edge);
-        std::copy_n(edge, block_size_, tokens_.begin() + child * block_size_);
-        for (Index layer = 0; layer < num_layers_; ++layer) {
-          const std::int32_t b = block_of(depth, layer);
-          blocks_[static_cast<std::size_t>(child) * count(num_layers_) + count(layer)] = b;
-          retain(layer, b);
-        }
-        node_of_block_[static_cast<std::size_t>(first)] = child;
-        link(parent, child);
+        child = add_node(parent, edge, [&](Index layer) { return block_of(depth, layer); }, tick_);
+        if (child == kNone) return;
+        for (Index layer = 0; layer < num_layers_; ++layer) retain(layer, block(child, layer));
       }
       node(child).last_used = tick_;
       parent = child;
@@ -176,23 +161,9 @@ class PrefixIndex {
   /// an index was not written by this class. Takes no references (the caller counts them).
   std::int32_t restore(std::int32_t parent, const std::int32_t* tokens, const std::int32_t* blocks,
                        std::uint64_t last_used) {
-    if (find_child(parent, tokens) != kNone || free_nodes_.empty() ||
-        node_of_block_[static_cast<std::size_t>(blocks[0])] != kNone)
-      return kNone;
-    const std::int32_t n = free_nodes_.back();
-    free_nodes_.pop_back();
-    Node& added = node(n);
-    added = Node{};
-    added.in_use = true;
-    added.parent = parent;
-    added.hash = hash_of(tokens);
-    added.last_used = last_used;
-    std::copy_n(tokens, block_size_, tokens_.begin() + n * block_size_);
-    std::copy_n(blocks, num_layers_, blocks_.begin() + n * num_layers_);
-    node_of_block_[static_cast<std::size_t>(blocks[0])] = n;
-    link(parent, n);
+    if (find_child(parent, tokens) != kNone) return kNone;
     tick_ = std::max(tick_, last_used);
-    return n;
+    return add_node(parent, tokens, [&](Index layer) { return blocks[layer]; }, last_used);
   }
 
   /// Sets the use count (persistence; at least every node's).
@@ -216,6 +187,31 @@ class PrefixIndex {
   }
   std::int32_t first_child_of(std::int32_t parent) const {
     return parent == kNone ? root_first_child_ : node(parent).first_child;
+  }
+
+  /// A new child of parent (no sibling has these tokens) holding block_of(layer) in each
+  /// layer; kNone when the layer-0 block is already a node's (or, never while that holds, no
+  /// node is free).
+  template <class BlockOf>
+  std::int32_t add_node(std::int32_t parent, const std::int32_t* tokens, BlockOf&& block_of,
+                        std::uint64_t last_used) {
+    const std::int32_t first = block_of(Index(0));
+    if (node_of_block_[static_cast<std::size_t>(first)] != kNone || free_nodes_.empty())
+      return kNone;
+    const std::int32_t n = free_nodes_.back();
+    free_nodes_.pop_back();
+    Node& added = node(n);
+    added = Node{};
+    added.in_use = true;
+    added.parent = parent;
+    added.hash = hash_of(tokens);
+    added.last_used = last_used;
+    std::copy_n(tokens, block_size_, tokens_.begin() + n * block_size_);
+    for (Index layer = 0; layer < num_layers_; ++layer)
+      blocks_[static_cast<std::size_t>(n) * count(num_layers_) + count(layer)] = block_of(layer);
+    node_of_block_[static_cast<std::size_t>(first)] = n;
+    link(parent, n);
+    return n;
   }
 
   std::int32_t last_child_of(std::int32_t parent) const {
