@@ -6,6 +6,7 @@
 
 #include <kvcache/detail/kv_storage.hpp>
 #include <kvcache/detail/kv_view.hpp>
+#include <kvcache/detail/paged_record.hpp>
 #include <kvcache/detail/prefix_index.hpp>
 #include <kvcache/errors.hpp>
 #include <kvcache/persistence.hpp>
@@ -66,6 +67,7 @@ class PagedKVCache {
  public:
   using element_type = T;
   using layout_type = Layout;
+  using config_type = PagedConfig;
   /// Sequence ids are never reused: a removed id stays unknown.
   using SequenceId = std::int64_t;
   /// What add_sequence(tokens) found: the new sequence and the positions it already holds.
@@ -248,6 +250,8 @@ class PagedKVCache {
   /// \brief Whether s is a live sequence.
   bool contains(SequenceId s) const { return sequences_.count(s) != 0; }
 
+  /// \brief The shape the pool was made with.
+  const PagedConfig& config() const { return config_; }
   Index num_layers() const { return config_.num_layers; }
   Index num_heads() const { return config_.num_heads; }
   Index head_dim() const { return config_.head_dim; }
@@ -309,243 +313,19 @@ class PagedKVCache {
   /// free blocks in their order, and the filled rows of every held block, with a CRC-32C. A
   /// loaded pool behaves as this one would: same ids, same blocks, same evictions. Throws
   /// std::ios_base::failure when the stream fails.
-  void save(std::ostream& out) const {
-    using namespace detail;
-    Writer writer(out, persistence_owner<PagedKVCache>("save"));
-    RecordHeader header;
-    header.type = record_type_of<PagedKVCache>();
-    header.num_layers = config_.num_layers;
-    header.num_blocks = config_.num_blocks;
-    header.block_size = config_.block_size;
-    header.num_heads = config_.num_heads;
-    header.head_dim = config_.head_dim;
-    header.num_sequences = static_cast<Index>(sequences_.size());
-    header.published_blocks = index_.size();
-    header.next_sequence_id = next_id_;
-    write_record_header(writer, header);
-    for (const auto& [id, sequence] : sequences_) {
-      writer.write_unsigned(static_cast<std::uint64_t>(id), "sequence id");
-      for (Index size : sequence.sizes) writer.write_unsigned(static_cast<std::uint64_t>(size), "sequence size");
-      for (Index layer = 0; layer < config_.num_layers; ++layer)
-        for_each_held_block(sequence, layer, [&](std::int32_t b) {
-          writer.write_unsigned(static_cast<std::uint32_t>(b), "block table");
-        });
-    }
-    // Nodes depth first; a node names its parent by its place in this list.
-    std::vector<std::int32_t> ordinal(detail::count(config_.num_blocks), -1);
-    std::int32_t written = 0;
-    index_.for_each_node_to_restore([&](std::int32_t node, std::int32_t parent, const std::int32_t* tokens) {
-      ordinal[detail::count(node)] = written++;
-      writer.write_unsigned(parent == PrefixIndex::kNone
-                                ? kNoParent
-                                : static_cast<std::uint32_t>(ordinal[detail::count(parent)]),
-                            "prefix parent");
-      writer.write_unsigned(index_.last_used(node), "prefix last use");
-      for (Index i = 0; i < config_.block_size; ++i)
-        writer.write_unsigned(static_cast<std::uint32_t>(tokens[i]), "prefix tokens");
-      for (Index layer = 0; layer < config_.num_layers; ++layer)
-        writer.write_unsigned(static_cast<std::uint32_t>(index_.block(node, layer)), "prefix blocks");
-    });
-    writer.write_unsigned(index_.tick(), "prefix use count");
-    for (Index layer = 0; layer < config_.num_layers; ++layer) {
-      const Index n = free_count_[detail::count(layer)];
-      writer.write_unsigned(static_cast<std::uint64_t>(n), "free count");
-      for (Index i = 0; i < n; ++i)
-        writer.write_unsigned(
-            static_cast<std::uint32_t>(free_[detail::count(layer * config_.num_blocks + i)]),
-            "free blocks");
-    }
-    const std::vector<Index> fill = filled_rows();
-    for (Index layer = 0; layer < config_.num_layers; ++layer)
-      for (std::int32_t b = 0; b < static_cast<std::int32_t>(config_.num_blocks); ++b) {
-        const Index rows = fill[detail::count(layer * config_.num_blocks + b)];
-        const Index at = global_block(layer, b);
-        write_rows<Layout>(writer, 1, config_.num_heads, rows, config_.head_dim,
-                           [&](Index, Index h, Index r) { return row_at(block_keys(at), block_strides(), 0, h, r); },
-                           "keys");
-        write_rows<Layout>(writer, 1, config_.num_heads, rows, config_.head_dim,
-                           [&](Index, Index h, Index r) { return row_at(block_values(at), block_strides(), 0, h, r); },
-                           "values");
-      }
-    write_record_checksum(writer);
-    writer.finish();
-  }
+  void save(std::ostream& out) const { detail::PagedRecord<PagedKVCache>::save(*this, out); }
 
   /// \brief Reads a pool written by save(). Throws kvcache::FormatError, naming the expected
   /// and the received value, for anything but an intact PagedKVCache<T, Layout> record: a
   /// block id out of range or held twice by one sequence, a free list that is not exactly the
   /// unheld blocks, prefixes that do not form a tree, a pool larger than limits allows.
   static PagedKVCache load(std::istream& in, const LoadLimits& limits = {}) {
-    using namespace detail;
-    Reader reader(in, persistence_owner<PagedKVCache>("load"));
-    const RecordHeader h = read_record_header(reader, record_type_of<PagedKVCache>());
-    require_at_most(reader, "num_blocks", h.num_blocks, "2^31 - 1",
-                    std::numeric_limits<std::int32_t>::max());
-    require_at_most(reader, "published_blocks", h.published_blocks, "num_blocks", h.num_blocks);
-    require_at_most(reader, "num_sequences", h.num_sequences, "next_sequence_id",
-                    h.next_sequence_id);
-    const Index pool_bytes = checked_product(
-        reader, "K/V storage bytes",
-        {2, h.num_layers, h.num_blocks, h.block_size, h.num_heads, h.head_dim, Index(sizeof(T))});
-    const Index table_bytes = checked_product(
-        reader, "block table bytes", {h.num_sequences, h.num_layers, h.num_blocks, 4});
-    require_within_limit(reader, checked_sum(reader, "pool bytes", pool_bytes, table_bytes), limits);
-    const Index max_size = h.num_blocks * h.block_size;  // bounded by pool_bytes
-    const std::size_t layers = detail::count(h.num_layers);
-    auto block_id = [&](std::uint32_t value, const char* what) {
-      if (value >= static_cast<std::uint64_t>(h.num_blocks))
-        reader.fail(what, ": expected a block id below num_blocks = ", h.num_blocks, ", got ", value);
-      return static_cast<std::int32_t>(value);
-    };
-
-    struct LoadedSequence {
-      SequenceId id;
-      std::vector<Index> sizes;
-      std::vector<std::vector<std::int32_t>> tables;
-    };
-    std::vector<LoadedSequence> loaded;
-    std::vector<Index> holders(layers * detail::count(h.num_blocks), 0);
-    std::vector<Index> fill(holders.size(), 0);
-    std::vector<Index> seen(holders.size(), -1);  // the sequence that last listed a block
-    for (Index s = 0; s < h.num_sequences; ++s) {
-      LoadedSequence seq;
-      const std::uint64_t id = reader.read_unsigned<std::uint64_t>("sequence id");
-      const Index floor = loaded.empty() ? 0 : loaded.back().id + 1;
-      if (id < static_cast<std::uint64_t>(floor) || id >= static_cast<std::uint64_t>(h.next_sequence_id))
-        reader.fail("sequence id: expected increasing ids in [", floor, ", next_sequence_id = ",
-                    h.next_sequence_id, "), got ", id);
-      seq.id = static_cast<SequenceId>(id);
-      for (std::size_t l = 0; l < layers; ++l) {
-        const std::uint64_t size = reader.read_unsigned<std::uint64_t>("sequence size");
-        if (size > static_cast<std::uint64_t>(max_size))
-          reader.fail("sequence size: expected at most num_blocks * block_size = ", max_size, ", got ", size);
-        seq.sizes.push_back(static_cast<Index>(size));
-      }
-      for (std::size_t l = 0; l < layers; ++l) {
-        const Index held = (seq.sizes[l] + h.block_size - 1) / h.block_size;
-        std::vector<std::int32_t> table;
-        for (Index i = 0; i < held; ++i) {
-          const std::int32_t b = block_id(reader.read_unsigned<std::uint32_t>("block table"), "block table");
-          const std::size_t slot = l * detail::count(h.num_blocks) + detail::count(b);
-          if (seen[slot] == s)
-            reader.fail("block table: block ", b, " of layer ", l, " is listed twice by sequence ", id);
-          seen[slot] = s;
-          ++holders[slot];
-          fill[slot] = std::max(fill[slot], std::min(h.block_size, seq.sizes[l] - i * h.block_size));
-          table.push_back(b);
-        }
-        seq.tables.push_back(std::move(table));
-      }
-      loaded.push_back(std::move(seq));
-    }
-
-    struct LoadedNode {
-      std::uint32_t parent;
-      std::uint64_t last_used;
-      std::vector<std::int32_t> tokens, blocks;
-    };
-    std::vector<LoadedNode> nodes;
-    std::set<std::pair<std::uint32_t, std::vector<std::int32_t>>> edges;
-    std::vector<bool> first_blocks(detail::count(h.num_blocks), false);
-    std::vector<std::uint32_t> path;  // the previous node and its ancestors (depth-first order)
-    for (Index n = 0; n < h.published_blocks; ++n) {
-      LoadedNode node;
-      node.parent = reader.read_unsigned<std::uint32_t>("prefix parent");
-      while (!path.empty() && path.back() != node.parent) path.pop_back();
-      if (node.parent != kNoParent && path.empty())
-        reader.fail("prefix parent: expected 0xFFFFFFFF or the previous node or one of its "
-                    "ancestors (depth-first order), got ", node.parent, " for node ", n);
-      path.push_back(static_cast<std::uint32_t>(n));
-      node.last_used = reader.read_unsigned<std::uint64_t>("prefix last use");
-      for (Index i = 0; i < h.block_size; ++i)
-        node.tokens.push_back(static_cast<std::int32_t>(reader.read_unsigned<std::uint32_t>("prefix tokens")));
-      for (std::size_t l = 0; l < layers; ++l) {
-        const std::int32_t b = block_id(reader.read_unsigned<std::uint32_t>("prefix blocks"), "prefix blocks");
-        const std::size_t slot = l * detail::count(h.num_blocks) + detail::count(b);
-        ++holders[slot];
-        fill[slot] = h.block_size;
-        node.blocks.push_back(b);
-      }
-      if (first_blocks[detail::count(node.blocks[0])])
-        reader.fail("prefix blocks: block ", node.blocks[0], " of layer 0 belongs to two nodes");
-      first_blocks[detail::count(node.blocks[0])] = true;
-      if (!edges.emplace(node.parent, node.tokens).second)
-        reader.fail("prefix tokens: node ", n, " repeats a sibling's tokens");
-      nodes.push_back(std::move(node));
-    }
-    const std::uint64_t tick = reader.read_unsigned<std::uint64_t>("prefix use count");
-    for (const LoadedNode& node : nodes)
-      if (node.last_used > tick)
-        reader.fail("prefix last use: expected at most the use count ", tick, ", got ", node.last_used);
-
-    std::vector<std::vector<std::int32_t>> free_lists(layers);
-    for (std::size_t l = 0; l < layers; ++l) {
-      const std::uint64_t n = reader.read_unsigned<std::uint64_t>("free count");
-      Index unheld = 0;
-      for (Index b = 0; b < h.num_blocks; ++b)
-        unheld += holders[l * detail::count(h.num_blocks) + detail::count(b)] == 0 ? 1 : 0;
-      if (n != static_cast<std::uint64_t>(unheld))
-        reader.fail("free count of layer ", l, ": expected ", unheld, " (the blocks nothing holds), got ", n);
-      for (Index i = 0; i < unheld; ++i) {
-        const std::int32_t b = block_id(reader.read_unsigned<std::uint32_t>("free blocks"), "free blocks");
-        Index& marker = holders[l * detail::count(h.num_blocks) + detail::count(b)];
-        if (marker != 0)
-          reader.fail("free blocks: block ", b, " of layer ", l, " is held or listed twice");
-        marker = -1;  // listed as free
-        free_lists[l].push_back(b);
-      }
-    }
-    Index rows = 0;
-    for (Index f : fill) rows += f;  // at most the pool's rows
-    const std::vector<T> keys_and_values =
-        reader.read_elements<T>(static_cast<std::uint64_t>(rows * 2 * h.num_heads * h.head_dim), "keys and values");
-    read_record_checksum(reader);
-
-    PagedConfig config;
-    config.num_layers = h.num_layers;
-    config.num_blocks = h.num_blocks;
-    config.block_size = h.block_size;
-    config.num_heads = h.num_heads;
-    config.head_dim = h.head_dim;
-    PagedKVCache pool(config);
-    for (LoadedSequence& seq : loaded) {
-      Sequence& sequence = pool.sequences_.emplace(seq.id, Sequence(config)).first->second;
-      for (std::size_t l = 0; l < layers; ++l) {
-        sequence.sizes[l] = seq.sizes[l];
-        std::copy(seq.tables[l].begin(), seq.tables[l].end(), sequence.table(static_cast<Index>(l), config));
-        for (std::int32_t b : seq.tables[l]) pool.retain(static_cast<Index>(l), b);
-      }
-    }
-    std::vector<std::int32_t> restored;
-    for (const LoadedNode& node : nodes) {
-      const std::int32_t parent = node.parent == kNoParent ? PrefixIndex::kNone
-                                                           : restored[node.parent];
-      restored.push_back(pool.index_.restore(parent, node.tokens.data(), node.blocks.data(), node.last_used));
-      assert(restored.back() != PrefixIndex::kNone && "kvcache: checked above");
-      for (std::size_t l = 0; l < layers; ++l) pool.retain(static_cast<Index>(l), node.blocks[l]);
-    }
-    pool.index_.set_tick(tick);
-    for (std::size_t l = 0; l < layers; ++l) {
-      pool.free_count_[l] = static_cast<Index>(free_lists[l].size());
-      std::copy(free_lists[l].begin(), free_lists[l].end(),
-                pool.free_.begin() + static_cast<std::ptrdiff_t>(l * detail::count(h.num_blocks)));
-    }
-    const T* next = keys_and_values.data();
-    for (Index layer = 0; layer < h.num_layers; ++layer)
-      for (std::int32_t b = 0; b < static_cast<std::int32_t>(h.num_blocks); ++b) {
-        const Index filled = fill[detail::count(layer * h.num_blocks + b)];
-        const Index at = pool.global_block(layer, b);
-        for (T* base : {pool.block_keys(at), pool.block_values(at)})
-          for_each_row<Layout>(1, h.num_heads, filled, [&](Index, Index head, Index r) {
-            std::copy_n(next, h.head_dim, row_at(base, pool.block_strides(), 0, head, r));
-            next += h.head_dim;
-          });
-      }
-    pool.next_id_ = h.next_sequence_id;
-    return pool;
+    return detail::PagedRecord<PagedKVCache>::load(in, limits);
   }
 
  private:
+  friend struct detail::PagedRecord<PagedKVCache>;
+
   struct Sequence {
     explicit Sequence(const PagedConfig& c)
         : tables(detail::count(c.num_layers) * detail::count(c.num_blocks), -1), sizes(detail::count(c.num_layers), 0) {}
@@ -558,9 +338,6 @@ class PagedKVCache {
     std::vector<std::int32_t> tables;  ///< (layer, num_blocks): pool blocks, in position order
     std::vector<Index> sizes;          ///< (layer): positions held
   };
-
-  /// A published prefix's parent field in a saved record when it hangs from the root.
-  static constexpr std::uint32_t kNoParent = 0xFFFFFFFFu;
 
   /// (layer, block): rows written into each block, the most any holder filled (a published
   /// block is full); 0 for a free block.
