@@ -27,4 +27,10 @@
 #error "kvcache requires C++17."
 #endif
 
+// Bad input is reported by exceptions that leave the cache as it was (README, "Errors"); a build
+// without exceptions could only abort instead, so it is refused here rather than half-working.
+#if !defined(__cpp_exceptions) && !defined(__EXCEPTIONS) && !defined(_CPPUNWIND)
+#error "kvcache reports bad input with exceptions (std::invalid_argument, std::length_error, kvcache::FormatError) and needs them enabled: remove -fno-exceptions (MSVC: /EHsc)."
+#endif
+
 #endif  // KVCACHE_CONFIG_HPP
