@@ -282,8 +282,12 @@ class PagedKVCache {
 
   /// \brief Copies of positions [0, size(s, layer)) of the keys / values, [1, num_heads,
   /// size, head_dim] in Layout.
-  Tensor4<T> keys(Index layer, SequenceId s) const { return gather(layer, s, /*values=*/false); }
-  Tensor4<T> values(Index layer, SequenceId s) const { return gather(layer, s, /*values=*/true); }
+  Tensor4<T> keys(Index layer, SequenceId s) const {
+    return detail::gather_held<Layout>(attention_view(layer, s), detail::KVPart::keys);
+  }
+  Tensor4<T> values(Index layer, SequenceId s) const {
+    return detail::gather_held<Layout>(attention_view(layer, s), detail::KVPart::values);
+  }
 
   /// \brief The kernel's view of s in `layer` (one block table from position 0); valid until
   /// the pool is next modified.
@@ -458,23 +462,6 @@ class PagedKVCache {
                            1, config_.num_heads, rows, config_.head_dim);
     detail::copy_positions(block_values(f), block_strides(), 0, block_values(t), block_strides(),
                            0, 1, config_.num_heads, rows, config_.head_dim);
-  }
-
-  Tensor4<T> gather(Index layer, SequenceId s, bool values) const {
-    check_layer("PagedKVCache::keys/values", layer);
-    const Sequence& sequence = find("PagedKVCache::keys/values", s);
-    const Index size = sequence.sizes[detail::count(layer)];
-    const Shape shape{1, config_.num_heads, size, config_.head_dim};
-    Tensor4<T> out(Layout::dims(shape));
-    for (Index done = 0; done < size;) {
-      const Index rows = std::min(size - done, config_.block_size);
-      const Index block = global_block(layer, sequence.table(layer, config_)[done / config_.block_size]);
-      detail::copy_positions(values ? block_values(block) : block_keys(block), block_strides(), 0,
-                             out.data(), Layout::strides(shape), done, 1, config_.num_heads, rows,
-                             config_.head_dim);
-      done += rows;
-    }
-    return out;
   }
 
   PagedConfig config_;

@@ -78,9 +78,13 @@ class PrefixKVCache {
   Index max_new_tokens() const { return own_.capacity(); }
 
   /// \brief The size() held keys, prefix first: (batch_size, num_heads, size(), head_dim).
-  Tensor4<T> keys() const { return gather(/*values=*/false); }
+  Tensor4<T> keys() const {
+    return detail::gather_held<Layout>(attention_view(), detail::KVPart::keys);
+  }
   /// \brief The size() held values, prefix first: (batch_size, num_heads, size(), head_dim).
-  Tensor4<T> values() const { return gather(/*values=*/true); }
+  Tensor4<T> values() const {
+    return detail::gather_held<Layout>(attention_view(), detail::KVPart::values);
+  }
 
   /// \brief Appends k, v of shape (b <= batch_size(), num_heads(), new_len, head_dim()) at
   /// position(). Accepts Tensor4<T> and Eigen::TensorMap of one.
@@ -152,21 +156,6 @@ class PrefixKVCache {
     // of a prefix needs no PrefixKVCache: attend over the FrozenKVCache itself.)
     detail::require_positive("PrefixKVCache", "max_new_tokens", max_new_tokens);
     return max_new_tokens;
-  }
-
-  /// Copies the segments of attention_view(), in order, into one (batch, heads, size(),
-  /// head_dim) tensor.
-  Tensor4<T> gather(bool values) const {
-    const Shape out_shape{batch_size(), num_heads(), size(), head_dim()};
-    Tensor4<T> out(Layout::dims(out_shape));
-    const detail::KVView<T> view = attention_view();
-    for (int i = 0; i < view.num_segments; ++i) {
-      const detail::KVSegment<T>& seg = view.segments[static_cast<std::size_t>(i)];
-      detail::copy_positions(values ? seg.values : seg.keys, seg.strides, 0, out.data(),
-                             Layout::strides(out_shape), seg.first_position, out_shape.batch,
-                             out_shape.heads, seg.length, out_shape.head_dim);
-    }
-    return out;
   }
 
   std::shared_ptr<const Prefix> prefix_;

@@ -209,9 +209,13 @@ class QuantizedKVCache {
 
   /// \brief The size() held keys, oldest first: (batch, heads, size(), head_dim) in Layout;
   /// the quantized positions dequantized (detail::dequantize_key_row), the tail as stored.
-  Tensor4<T> keys() const { return gather(/*keys=*/true); }
+  Tensor4<T> keys() const {
+    return detail::gather_held<Layout>(attention_view(), detail::KVPart::keys);
+  }
   /// \brief The size() held values, like keys() (detail::dequantize_value_row).
-  Tensor4<T> values() const { return gather(/*keys=*/false); }
+  Tensor4<T> values() const {
+    return detail::gather_held<Layout>(attention_view(), detail::KVPart::values);
+  }
 
   /// \brief Forgets every position; the storage (and capacity()) is kept.
   void reset() noexcept { position_ = 0; }
@@ -497,36 +501,7 @@ class QuantizedKVCache {
   /// hold positions [first, last) (at most two: the ring wraps once as last - first <= ring_).
   template <class F>
   void for_each_tail_run(Index first, Index last, F&& f) const {
-    // Invariant: positions [caller's first, first) went to f, in order.
-    while (first < last) {
-      const Index length = std::min(last - first, ring_ - slot(first));
-      f(slot(first), length, first);
-      first += length;
-    }
-  }
-
-  /// The size() held keys or values, oldest first, as one tensor.
-  Tensor4<T> gather(bool keys) const {
-    const Shape out_shape{batch_size_, num_heads_, position_, head_dim_};
-    Tensor4<T> out(Layout::dims(out_shape));
-    const Strides out_strides = Layout::strides(out_shape);
-    const Index quantized = quantized_positions(position_);
-    for (Index b = 0; b < batch_size_; ++b)
-      for (Index h = 0; h < num_heads_; ++h)
-        for (Index p = 0; p < quantized; ++p) {
-          const std::uint8_t* block = block_at(b, h, p / config_.group_size);
-          T* row = out.data() + b * out_strides.batch + h * out_strides.head + p * out_strides.seq;
-          if (keys)
-            detail::dequantize_key_row<Bits>(block, p % config_.group_size, format_, row);
-          else
-            detail::dequantize_value_row<Bits>(block, p % config_.group_size, format_, row);
-        }
-    for_each_tail_run(quantized, position_, [&](Index first_slot, Index length, Index p) {
-      detail::copy_positions(keys ? tail_keys_.data() : tail_values_.data(), tail_strides_(),
-                             first_slot, out.data(), out_strides, p, batch_size_, num_heads_,
-                             length, head_dim_);
-    });
-    return out;
+    detail::for_each_ring_run(first, last, 0, ring_, f);
   }
 
   QuantConfig config_;

@@ -111,9 +111,13 @@ class SlidingWindowKVCache {
 
   /// \brief The size() held keys, oldest first - the sinks, then the last window() positions:
   /// (batch_size, num_heads, size(), head_dim) in Layout.
-  Tensor4<T> keys() const { return gather(/*keys=*/true); }
+  Tensor4<T> keys() const {
+    return detail::gather_held<Layout>(view_from(window_start()), detail::KVPart::keys);
+  }
   /// \brief The size() held values, in the order of keys().
-  Tensor4<T> values() const { return gather(/*keys=*/false); }
+  Tensor4<T> values() const {
+    return detail::gather_held<Layout>(view_from(window_start()), detail::KVPart::values);
+  }
 
   /// \brief Forgets every position, sinks included. A ring grown for a long chunk (see the
   /// class comment) is released: the storage returns to num_sink_tokens() + window()
@@ -139,23 +143,7 @@ class SlidingWindowKVCache {
   /// \brief The kernel's view: the held sinks, then every held ring position (at most three
   /// segments: sinks, ring tail, ring head), with the cache's window and sinks and the first
   /// non-sink position still held. Valid until the cache is next modified.
-  detail::KVView<T> attention_view() const {
-    const Shape s = storage_.shape();
-    detail::KVView<T> view;
-    view.batch_size = s.batch;
-    view.num_heads = s.heads;
-    view.head_dim = s.head_dim;
-    view.position = position_;
-    view.window = window_;
-    view.num_sink_tokens = num_sink_tokens_;
-    view.first_held_position = first_held_position();
-    auto add = [&](Index slot, Index length, Index p) {
-      view.add(storage_.segment(slot, length, p));
-    };
-    for_each_run(0, std::min(position_, num_sink_tokens_), ring_capacity(), add);
-    for_each_run(first_held_position(), position_, ring_capacity(), add);
-    return view;
-  }
+  detail::KVView<T> attention_view() const { return view_from(first_held_position()); }
 
   /// \brief Writes the cache to `out` (docs/persistence_format.md): shape, window, sinks, the
   /// ring's size and next slot, position, and every position the storage still holds (the
@@ -251,6 +239,26 @@ class SlidingWindowKVCache {
     return (std::max(position, num_sink_tokens) - num_sink_tokens) % ring;
   }
 
+  /// The kernel's view with the ring's positions from `from` on (first_held_position(): all
+  /// it holds; max(sinks, position - window): the last window() positions, what keys() shows).
+  detail::KVView<T> view_from(Index from) const {
+    const Shape s = storage_.shape();
+    detail::KVView<T> view;
+    view.batch_size = s.batch;
+    view.num_heads = s.heads;
+    view.head_dim = s.head_dim;
+    view.position = position_;
+    view.window = window_;
+    view.num_sink_tokens = num_sink_tokens_;
+    view.first_held_position = first_held_position();
+    auto add = [&](Index slot, Index length, Index p) {
+      view.add(storage_.segment(slot, length, p));
+    };
+    for_each_run(0, std::min(position_, num_sink_tokens_), ring_capacity(), add);
+    for_each_run(from, position_, ring_capacity(), add);
+    return view;
+  }
+
   /// The storage slots of every held position, oldest first: the sinks, then the ring's.
   std::vector<Index> held_slots() const {
     std::vector<Index> slots;
@@ -283,6 +291,9 @@ class SlidingWindowKVCache {
   /// Storage slots of the ring (after the sinks).
   Index ring_capacity() const { return storage_.capacity() - num_sink_tokens_; }
 
+  /// The oldest of the last window() positions (after the sinks): where keys() starts the ring.
+  Index window_start() const { return std::max(num_sink_tokens_, position_ - window_); }
+
   /// The oldest non-sink position the ring still holds (num_sink_tokens_ when none evicted).
   Index first_held_position() const {
     return std::max(num_sink_tokens_, position_ - ring_capacity());
@@ -299,16 +310,15 @@ class SlidingWindowKVCache {
   /// (or be about to be written). A run ends at the end of the sinks or of the ring.
   template <class F>
   void for_each_run(Index first, Index last, Index ring, F&& f) const {
-    // Invariant: every position before `first` (from the caller's first) went to f, in order.
-    while (first < last) {
-      const bool sink = first < num_sink_tokens_;
-      const Index slot =
-          sink ? first : num_sink_tokens_ + (first - num_sink_tokens_) % ring;
-      const Index run_end = sink ? num_sink_tokens_ : num_sink_tokens_ + ring;
-      const Index length = std::min(last - first, run_end - slot);
-      f(slot, length, first);
-      first += length;
+    if (first < num_sink_tokens_) {  // the sinks: slot = position
+      const Index sinks_end = std::min(last, num_sink_tokens_);
+      f(first, sinks_end - first, first);
+      first = sinks_end;
     }
+    detail::for_each_ring_run(first, last, num_sink_tokens_, ring,
+                              [&](Index slot, Index length, Index p) {
+                                f(num_sink_tokens_ + slot, length, p);
+                              });
   }
 
   /// Moves to a ring of `new_ring` slots, every held position at its slot in the new ring.
@@ -327,26 +337,6 @@ class SlidingWindowKVCache {
                                 });
                  });
     storage_ = std::move(grown);  // swaps buffer pointers: cannot throw
-  }
-
-  /// The sinks and the last window positions, oldest first, as one tensor.
-  Tensor4<T> gather(bool keys) const {
-    Shape out_shape = storage_.shape();
-    out_shape.seq = size();
-    Tensor4<T> out(Layout::dims(out_shape));
-    const Strides out_strides = Layout::strides(out_shape);
-    Index at = 0;
-    auto copy = [&](Index slot, Index length, Index p) {
-      const detail::KVSegment<T> run = storage_.segment(slot, length, p);
-      detail::copy_positions(keys ? run.keys : run.values, run.strides, 0, out.data(),
-                             out_strides, at, out_shape.batch, out_shape.heads, length,
-                             out_shape.head_dim);
-      at += length;
-    };
-    for_each_run(0, std::min(position_, num_sink_tokens_), ring_capacity(), copy);
-    for_each_run(std::max(num_sink_tokens_, position_ - window_), position_, ring_capacity(),
-                 copy);
-    return out;
   }
 
   detail::KVStorage<T, Layout> storage_;

@@ -5,6 +5,7 @@
 
 #include <kvcache/detail/kv_view.hpp>
 #include <kvcache/errors.hpp>
+#include <kvcache/quantization.hpp>
 
 #include <algorithm>
 #include <cstddef>
@@ -43,6 +44,75 @@ void zero_positions(T* dst, const Strides& strides, Index begin, Index batch_beg
       for (Index i = 0; i < length; ++i)
         std::fill_n(dst + b * strides.batch + h * strides.head + (begin + i) * strides.seq,
                     head_dim, T(0));
+}
+
+/// Calls f(slot, length, first_position) for the runs of consecutive slots of a ring that hold
+/// absolute positions [first, last): position p >= origin lives in slot (p - origin) % ring.
+/// At most two runs when last - first <= ring (the ring wraps once).
+template <class F>
+void for_each_ring_run(Index first, Index last, Index origin, Index ring, F&& f) {
+  // Invariant: positions [the caller's first, first) went to f, in order.
+  while (first < last) {
+    const Index slot = (first - origin) % ring;
+    const Index length = std::min(last - first, ring - slot);
+    f(slot, length, first);
+    first += length;
+  }
+}
+
+/// Which half of a cache gather_held() copies.
+enum class KVPart { keys, values };
+
+/// The held keys or values of a cache's view, oldest first, as one (batch_size, num_heads,
+/// held_length(), head_dim) tensor in Layout: its quantized blocks dequantized (quantization.hpp),
+/// then each T segment, then the block table's rows. What every cache's keys() and values()
+/// return, one walk for every kind of run a view holds.
+template <class Layout, class T>
+Tensor4<T> gather_held(const KVView<T>& view, KVPart part) {
+  const Shape shape{view.batch_size, view.num_heads, view.held_length(), view.head_dim};
+  Tensor4<T> out(Layout::dims(shape));
+  const Strides to = Layout::strides(shape);
+  const bool keys = part == KVPart::keys;
+  Index at = 0;  // held index of the next run's first position
+  const QuantSegment& q = view.quantized;
+  auto dequantize = [&](auto format) {
+    for (Index b = 0; b < shape.batch; ++b)
+      for (Index h = 0; h < shape.heads; ++h)
+        for (Index p = 0; p < q.num_blocks * q.group_size; ++p) {
+          const std::uint8_t* block =
+              q.blocks + b * q.batch_stride + h * q.head_stride + p / q.group_size * q.bytes_per_block;
+          T* row = out.data() + b * to.batch + h * to.head + p * to.seq;
+          if (keys)
+            dequantize_key_row(block, p % q.group_size, format, row);
+          else
+            dequantize_value_row(block, p % q.group_size, format, row);
+        }
+  };
+  if (q.num_blocks > 0) {
+    if (q.bits == 8)
+      dequantize(QuantBlockFormat<8>{q.group_size, view.head_dim});
+    else
+      dequantize(QuantBlockFormat<4>{q.group_size, view.head_dim});
+    at += q.num_blocks * q.group_size;
+  }
+  for (int s = 0; s < view.num_segments; ++s) {
+    const KVSegment<T>& seg = view.segments[static_cast<std::size_t>(s)];
+    copy_positions(keys ? seg.keys : seg.values, seg.strides, 0, out.data(), to, at, shape.batch,
+                   shape.heads, seg.length, shape.head_dim);
+    at += seg.length;
+  }
+  const BlockTable<T>& table = view.paged;
+  for (Index done = 0; done < table.length;) {  // batch row 0, a pool block's rows at a time
+    const Index slot = table.offset + done;
+    const Index rows = std::min(table.length - done, table.block_size - slot % table.block_size);
+    const T* first = (keys ? table.keys : table.values) +
+                     table.ids[slot / table.block_size] * table.block_stride +
+                     slot % table.block_size * table.strides.seq;
+    copy_positions(first, table.strides, 0, out.data(), to, at + done, 1, shape.heads, rows,
+                   shape.head_dim);
+    done += rows;
+  }
+  return out;
 }
 
 /// The inputs of an update, checked: k and v as views and their common shape.
