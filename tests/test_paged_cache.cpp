@@ -394,3 +394,24 @@ TEST_CASE("a damaged pool record throws FormatError and nothing else", "[paged][
   CHECK(contains(message_of([&] { PagedKVCache<float, BSHD>::load(in, small); }),
                  "LoadLimits::max_memory_bytes"));
 }
+
+TEST_CASE("a pool record of tiny blocks is bounded by its bookkeeping, not only its K/V bytes",
+          "[paged][persistence]") {
+  // 1000 blocks of one position of one head of one float: 8 KB of K/V, but reference counts,
+  // free stacks and index nodes of over 100 KB. A limit between the two refuses the record.
+  PagedConfig config;
+  config.num_blocks = 1000;
+  config.block_size = 1;
+  config.num_heads = 1;
+  config.head_dim = 1;
+  std::stringstream bytes;
+  PagedKVCache<float>(config).save(bytes);
+  const std::string record = bytes.str();
+  kvcache::LoadLimits limits;
+  limits.max_memory_bytes = 20000;
+  std::stringstream in(record);
+  REQUIRE_THROWS_AS((PagedKVCache<float>::load(in, limits)), kvcache::FormatError);
+  limits.max_memory_bytes = 200000;
+  std::stringstream again(record);
+  REQUIRE(PagedKVCache<float>::load(again, limits).num_blocks() == 1000);
+}

@@ -103,7 +103,20 @@ struct PagedRecord {
         {2, h.num_layers, h.num_blocks, h.block_size, h.num_heads, h.head_dim, Index(sizeof(T))});
     const Index table_bytes = checked_product(
         reader, "block table bytes", {h.num_sequences, h.num_layers, h.num_blocks, 4});
-    require_within_limit(reader, checked_sum(reader, "pool bytes", pool_bytes, table_bytes), limits);
+    // The pool's bookkeeping counts too (per layer and block: a reference count, a free-stack
+    // entry, and this function's three temporaries; per block: an index node, its tokens and
+    // blocks), so that a record of tiny blocks cannot pass on its K/V bytes alone.
+    const Index per_layer_block = 4 + 4 + 3 * 8;
+    const Index per_block = 64 + 4 * h.block_size + 4 * h.num_layers + 4;
+    const Index bookkeeping = checked_sum(
+        reader, "pool bookkeeping bytes",
+        checked_product(reader, "pool bookkeeping bytes", {h.num_layers, h.num_blocks, per_layer_block}),
+        checked_product(reader, "pool bookkeeping bytes", {h.num_blocks, per_block}));
+    require_within_limit(reader,
+                         checked_sum(reader, "pool bytes",
+                                     checked_sum(reader, "pool bytes", pool_bytes, table_bytes),
+                                     bookkeeping),
+                         limits);
     const Index max_size = h.num_blocks * h.block_size;  // bounded by pool_bytes
     const std::size_t layers = detail::count(h.num_layers);
     auto block_id = [&](std::uint32_t value, const char* what) {
