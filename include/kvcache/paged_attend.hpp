@@ -7,7 +7,6 @@
 #include <kvcache/paged_cache.hpp>
 
 #include <algorithm>
-#include <array>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
