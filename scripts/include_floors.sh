@@ -21,7 +21,8 @@ floor_of() {
     kvcache/attend_workspace.hpp|kvcache/kernel_isa.hpp) echo 0 ;;
     kvcache/detail/kv_storage.hpp|kvcache/detail/contiguous_cache.hpp|\
     kvcache/detail/serialization.hpp|kvcache/detail/crc32c.hpp|kvcache/persistence.hpp|\
-    kvcache/detail/prefix_index.hpp|kvcache/detail/paged_record.hpp|\
+    kvcache/detail/prefix_index.hpp|kvcache/detail/paged_record.hpp|kvcache/detail/record_header.hpp|\
+    kvcache/detail/record_codec.hpp|kvcache/detail/quantized_record.hpp|kvcache/detail/quantizer.hpp|\
     kvcache/quantization.hpp) echo 1 ;;
     kvcache/static_cache.hpp|kvcache/dynamic_cache.hpp|kvcache/frozen_cache.hpp|\
     kvcache/prefix_cache.hpp|kvcache/sliding_window_cache.hpp|kvcache/quantized_cache.hpp|\

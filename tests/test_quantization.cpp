@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <kvcache/quantization.hpp>
+#include <kvcache/detail/quantizer.hpp>
 #include <limits>
 #include <random>
 #include <string>

@@ -17,7 +17,8 @@ namespace kvcache {
 /// Views from attention_view() are invalidated by growth. An update with fewer batch rows than
 /// batch_size() zeroes the other rows at the new positions.
 template <class T, class Layout = BHSD>
-class DynamicKVCache : public detail::ContiguousKVCache<T, Layout> {
+class DynamicKVCache : public detail::ContiguousKVCache<T, Layout>,
+                      public detail::Persistent<DynamicKVCache<T, Layout>> {
   using Base = detail::ContiguousKVCache<T, Layout>;
 
  public:
@@ -39,29 +40,18 @@ class DynamicKVCache : public detail::ContiguousKVCache<T, Layout> {
     if (n > this->capacity()) this->storage_.reallocate(n, this->position_);
   }
 
-  /// \brief Writes the cache to `out` (docs/persistence_format.md): shape, capacity(),
-  /// position and the size() held positions, with a CRC-32C. Throws std::ios_base::failure
-  /// when the stream fails (the stream may then hold a partial record).
-  void save(std::ostream& out) const { this->template save_record<DynamicKVCache>(out); }
 
-  /// \brief Reads a cache written by save(): the same capacity(), position and contents, bit
-  /// for bit (so it grows as the original would). Throws kvcache::FormatError (naming the
-  /// expected and the received value) when the stream does not hold an intact
-  /// DynamicKVCache<T, Layout> record or fails; the stream is left right after the record.
-  static DynamicKVCache load(std::istream& in) { return load(in, LoadLimits{}); }
-  /// \brief load() with a bound on the memory the loaded cache may own (see LoadLimits).
-  static DynamicKVCache load(std::istream& in, const LoadLimits& limits) {
-    return Base::template load_record<DynamicKVCache>(
-        in, limits, /*min_capacity=*/0, [](const detail::RecordHeader& h) {
-          return DynamicKVCache(h.batch_size, h.num_heads, h.head_dim, h.capacity);
-        });
-  }
 };
 
 namespace detail {
+/// A DynamicKVCache record: ContiguousRecord with a capacity of at least 0.
 template <class T, class Layout>
-struct record_kind<DynamicKVCache<T, Layout>>
-    : std::integral_constant<CacheKind, CacheKind::dynamic_cache> {};
+struct RecordTraits<DynamicKVCache<T, Layout>> : ContiguousRecord<DynamicKVCache<T, Layout>, 0> {
+  static constexpr CacheKind kind = CacheKind::dynamic_cache;
+  static DynamicKVCache<T, Layout> empty(const CacheHeader& h) {
+    return DynamicKVCache<T, Layout>(h.batch_size, h.num_heads, h.head_dim, h.capacity);
+  }
+};
 }  // namespace detail
 
 }  // namespace kvcache

@@ -5,7 +5,7 @@
 #include <kvcache/detail/contiguous_cache.hpp>
 #include <kvcache/detail/kv_view.hpp>
 #include <kvcache/errors.hpp>
-#include <kvcache/persistence.hpp>
+#include <kvcache/detail/record_codec.hpp>
 
 #include <algorithm>
 #include <cstddef>
@@ -29,7 +29,7 @@ namespace kvcache {
 /// \tparam T      float, double, Eigen::half or Eigen::bfloat16
 /// \tparam Layout BHSD (default) or BSHD
 template <class T, class Layout = BHSD>
-class FrozenKVCache {
+class FrozenKVCache : public detail::Persistent<FrozenKVCache<T, Layout>> {
   static_assert((detail::check_cache_parameters<T, Layout>(), true));
 
  public:
@@ -98,59 +98,7 @@ class FrozenKVCache {
     return {keys_.data(), values_.data(), Layout::strides(shape()), first_position, length};
   }
 
-  /// \brief Writes the snapshot to `out` (docs/persistence_format.md): shape and the size()
-  /// positions, with a CRC-32C. Throws std::ios_base::failure when the stream fails (the
-  /// stream may then hold a partial record).
-  void save(std::ostream& out) const {
-    detail::Writer writer(out, detail::persistence_owner<FrozenKVCache>("save"));
-    const Shape s = shape();
-    detail::RecordHeader header;
-    header.type = detail::record_type_of<FrozenKVCache>();
-    header.batch_size = s.batch;
-    header.num_heads = s.heads;
-    header.head_dim = s.head_dim;
-    header.capacity = s.seq;
-    header.position = s.seq;
-    detail::write_record_header(writer, header);
-    writer.write_elements(keys_.data(), static_cast<std::size_t>(keys_.size()), "keys");
-    writer.write_elements(values_.data(), static_cast<std::size_t>(values_.size()), "values");
-    detail::write_record_checksum(writer);
-    writer.finish();
-  }
 
-  /// \brief Reads a snapshot written by save(), bit for bit; share it with
-  /// `std::make_shared<const FrozenKVCache<T, Layout>>(FrozenKVCache<T, Layout>::load(in))`.
-  /// Throws kvcache::FormatError (naming the expected and the received value) when the stream
-  /// does not hold an intact FrozenKVCache<T, Layout> record or fails; the stream is left
-  /// right after the record.
-  static FrozenKVCache load(std::istream& in) { return load(in, LoadLimits{}); }
-  /// \brief load() with a bound on the memory the loaded snapshot may own (see LoadLimits).
-  static FrozenKVCache load(std::istream& in, const LoadLimits& limits) {
-    detail::Reader reader(in, detail::persistence_owner<FrozenKVCache>("load"));
-    const detail::RecordHeader h =
-        detail::read_record_header(reader, detail::record_type_of<FrozenKVCache>());
-    detail::require_equal(reader, "capacity", h.capacity, h.position,
-                          "a frozen cache's capacity is its position");
-    detail::require_within_limit(
-        reader,
-        detail::checked_product(reader, "K/V storage bytes",
-                                {2, h.batch_size, h.num_heads, h.position, h.head_dim,
-                                 Index(sizeof(T))}),
-        limits);
-    // At most the storage just bounded: cannot overflow.
-    const auto count = static_cast<std::uint64_t>(h.batch_size * h.num_heads * h.position *
-                                                  h.head_dim);
-    const std::vector<T> keys = reader.read_elements<T>(count, "keys");
-    const std::vector<T> values = reader.read_elements<T>(count, "values");
-    detail::read_record_checksum(reader);
-
-    const std::array<Index, 4> dims =
-        Layout::dims({h.batch_size, h.num_heads, h.position, h.head_dim});
-    Tensor4<T> key_tensor(dims), value_tensor(dims);
-    std::copy(keys.begin(), keys.end(), key_tensor.data());
-    std::copy(values.begin(), values.end(), value_tensor.data());
-    return FrozenKVCache(std::move(key_tensor), std::move(value_tensor));
-  }
 
  private:
   Shape shape() const { return Layout::shape(keys_.dimensions()); }
@@ -160,9 +108,34 @@ class FrozenKVCache {
 };
 
 namespace detail {
+/// A FrozenKVCache record: shape, capacity = position = size(), the keys and values.
 template <class T, class Layout>
-struct record_kind<FrozenKVCache<T, Layout>>
-    : std::integral_constant<CacheKind, CacheKind::frozen_cache> {};
+struct RecordTraits<FrozenKVCache<T, Layout>> {
+  using Cache = FrozenKVCache<T, Layout>;
+  static constexpr CacheKind kind = CacheKind::frozen_cache;
+  using Header = CacheHeader;
+  static constexpr auto fields = cache_fields<CacheHeader>();
+
+  static Header header(const Cache& cache) {
+    const Index n = cache.size();
+    return {cache.batch_size(), cache.num_heads(), cache.head_dim(), n, n};
+  }
+  static void write_payload(const Cache& cache, const Header&, Writer& writer) {
+    write_view_rows<Layout>(writer, cache.attention_view());
+  }
+  static KVRows<T> read_payload(Reader& reader, const Header& h, const LoadLimits& limits) {
+    require_equal(reader, "capacity", h.capacity, h.position,
+                  "a frozen cache's capacity is its position");
+    return read_cache_rows<T>(reader, h, h.position, h.position, limits);
+  }
+  static Cache build(const Header& h, KVRows<T>&& rows) {
+    const std::array<Index, 4> dims = Layout::dims({h.batch_size, h.num_heads, h.position, h.head_dim});
+    Tensor4<T> keys(dims), values(dims);
+    std::copy(rows.keys.begin(), rows.keys.end(), keys.data());
+    std::copy(rows.values.begin(), rows.values.end(), values.data());
+    return Cache(std::move(keys), std::move(values));
+  }
+};
 
 /// freeze() of the static and the dynamic cache (declared in detail/contiguous_cache.hpp):
 /// the snapshot is built here, where FrozenKVCache is complete.

@@ -4,6 +4,7 @@
 
 #include <kvcache/cache_concept.hpp>
 #include <kvcache/errors.hpp>
+#include <kvcache/detail/record_codec.hpp>
 #include <kvcache/persistence.hpp>
 
 #include <algorithm>
@@ -195,10 +196,7 @@ class ModelKVCache {
   template <class C = Cache, std::enable_if_t<detail::is_persistent_cache<C>::value, int> = 0>
   void save(std::ostream& out) const {
     detail::Writer writer(out, detail::persistence_owner<ModelKVCache>("save"));
-    detail::RecordHeader header;
-    header.type = detail::record_type_of<ModelKVCache>();
-    header.num_layers = num_layers();
-    detail::write_record_header(writer, header);
+    detail::write_record_header<ModelKVCache>(writer, {num_layers()});
     writer.finish();
     for (const Cache& layer : layers_) layer.save(out);
   }
@@ -215,10 +213,7 @@ class ModelKVCache {
   template <class C = Cache, std::enable_if_t<detail::is_persistent_cache<C>::value, int> = 0>
   static ModelKVCache load(std::istream& in, const LoadLimits& limits) {
     detail::Reader reader(in, detail::persistence_owner<ModelKVCache>("load"));
-    const detail::RecordHeader header =
-        detail::read_record_header(reader, detail::record_type_of<ModelKVCache>());
-    if (header.num_layers < 1)
-      reader.fail("num_layers: expected at least 1, got ", header.num_layers);
+    const auto header = detail::read_record_header<ModelKVCache>(reader);
     return load_layers(reader, header.num_layers, limits,
                        [&](Index, const LoadLimits& remaining) { return Cache::load(in, remaining); });
   }
@@ -235,10 +230,7 @@ class ModelKVCache {
     detail::ChecksummingOutputBuffer checksummed(out.rdbuf());
     std::ostream body(&checksummed);
     detail::Writer writer(body, where);
-    detail::RecordHeader header;
-    header.type = detail::record_type_of<ModelKVCache>();
-    header.num_layers = num_layers();
-    detail::write_record_header(writer, header);
+    detail::write_record_header<ModelKVCache>(writer, {num_layers()});
     for (const Cache& layer : layers_) {
       const detail::RecordType t = detail::layer_record_type(layer);
       const std::uint8_t type_bytes[] = {t.kind, t.element, t.layout, t.bits, t.layer_kind};
@@ -268,10 +260,7 @@ class ModelKVCache {
     detail::ChecksummingInputBuffer checksummed(in.rdbuf());
     std::istream body(&checksummed);
     detail::Reader reader(body, where);
-    const detail::RecordHeader header =
-        detail::read_record_header(reader, detail::record_type_of<ModelKVCache>());
-    if (header.num_layers < 1)
-      reader.fail("num_layers: expected at least 1, got ", header.num_layers);
+    const auto header = detail::read_record_header<ModelKVCache>(reader);
     // Grows as the bytes arrive: a huge num_layers fails as truncated, having allocated about
     // what the stream held.
     const std::vector<std::uint8_t> types = reader.read_byte_array(
@@ -347,12 +336,19 @@ class ModelKVCache {
 };
 
 namespace detail {
+/// The header of a model's record: its layer count; the layers' records follow (kinds 6, 7).
+template <CacheKind Kind>
+struct ModelRecord {
+  static constexpr CacheKind kind = Kind;
+  struct Header {
+    Index num_layers = 0;
+  };
+  static constexpr std::array<HeaderField<Header>, 1> fields = {{{"num_layers", &Header::num_layers, true}}};
+};
 template <class Cache>
-struct record_kind<ModelKVCache<Cache>>
-    : std::integral_constant<CacheKind, CacheKind::model_cache> {};
+struct RecordTraits<ModelKVCache<Cache>> : ModelRecord<CacheKind::model_cache> {};
 template <class... Caches>
-struct record_kind<ModelKVCache<std::variant<Caches...>>>
-    : std::integral_constant<CacheKind, CacheKind::mixed_model_cache> {};
+struct RecordTraits<ModelKVCache<std::variant<Caches...>>> : ModelRecord<CacheKind::mixed_model_cache> {};
 }  // namespace detail
 
 }  // namespace kvcache

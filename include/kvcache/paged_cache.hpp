@@ -9,7 +9,6 @@
 #include <kvcache/detail/paged_record.hpp>
 #include <kvcache/detail/prefix_index.hpp>
 #include <kvcache/errors.hpp>
-#include <kvcache/persistence.hpp>
 
 #include <algorithm>
 #include <cassert>
@@ -58,7 +57,7 @@ struct PagedConfig {
 /// that throws leaves the pool as it was. Not thread-safe for writers; concurrent const use
 /// (attend from many threads) is safe.
 template <class T, class Layout = BHSD>
-class PagedKVCache {
+class PagedKVCache : public detail::Persistent<PagedKVCache<T, Layout>> {
   static_assert(is_kv_element_v<T>,
                 "kvcache: PagedKVCache's element type must be float, double, Eigen::half or "
                 "Eigen::bfloat16");
@@ -312,21 +311,6 @@ class PagedKVCache {
     return view;
   }
 
-  /// \brief Writes the whole pool to `out` (docs/persistence_format.md, kind 8): every
-  /// sequence (id, sizes, block tables), the published prefixes (tokens, blocks, recency), the
-  /// free blocks in their order, and the filled rows of every held block, with a CRC-32C. A
-  /// loaded pool behaves as this one would: same ids, same blocks, same evictions. Throws
-  /// std::ios_base::failure when the stream fails.
-  void save(std::ostream& out) const { detail::PagedRecord<PagedKVCache>::save(*this, out); }
-
-  /// \brief Reads a pool written by save(). Throws kvcache::FormatError, naming the expected
-  /// and the received value, for anything but an intact PagedKVCache<T, Layout> record: a
-  /// block id out of range or held twice by one sequence, a free list that is not exactly the
-  /// unheld blocks, prefixes that do not form a tree, a pool larger than limits allows.
-  static PagedKVCache load(std::istream& in, const LoadLimits& limits = {}) {
-    return detail::PagedRecord<PagedKVCache>::load(in, limits);
-  }
-
  private:
   friend struct detail::PagedRecord<PagedKVCache>;
 
@@ -480,8 +464,7 @@ class PagedKVCache {
 
 namespace detail {
 template <class T, class Layout>
-struct record_kind<PagedKVCache<T, Layout>>
-    : std::integral_constant<CacheKind, CacheKind::paged_cache> {};
+struct RecordTraits<PagedKVCache<T, Layout>> : PagedRecord<PagedKVCache<T, Layout>> {};
 }  // namespace detail
 
 }  // namespace kvcache

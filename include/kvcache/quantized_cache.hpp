@@ -10,12 +10,13 @@
 #include <cstring>
 #include <istream>
 #include <kvcache/detail/kv_storage.hpp>
-#include <kvcache/persistence.hpp>
-#include <kvcache/quantization.hpp>
+#include <kvcache/detail/quantized_record.hpp>
+#include <kvcache/detail/quantizer.hpp>
 #include <new>
 #include <ostream>
 #include <stdexcept>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace kvcache {
@@ -93,7 +94,7 @@ struct CacheLineAllocator {
 /// lossy with respect to the original inputs, and when those positions later leave the tail
 /// again they are quantized a second time.
 template <class T, int Bits, class Layout = BHSD>
-class QuantizedKVCache {
+class QuantizedKVCache : public detail::Persistent<QuantizedKVCache<T, Bits, Layout>> {
   static_assert((detail::check_cache_parameters<T, Layout>(), true));
   static_assert(Bits == 8 || Bits == 4,
                 "kvcache: QuantizedKVCache Bits must be 8 (int8) or 4 (int4)");
@@ -120,8 +121,7 @@ class QuantizedKVCache {
         ring_(std::max<Index>(1, std::min(detail::unquantized_tail_capacity(config), max_seq_len))),
         blocks_(static_cast<std::size_t>(detail::checked_element_count(
             "QuantizedKVCache", {batch_size, num_heads, max_blocks_, format_.block_bytes()}, 1))),
-        tail_keys_(Layout::dims({batch_size, num_heads, ring_, head_dim})),
-        tail_values_(Layout::dims({batch_size, num_heads, ring_, head_dim})) {}
+        tail_(batch_size, num_heads, ring_, head_dim) {}
 
   /// \brief Appends k, v of shape (b <= batch_size(), num_heads(), new_len, head_dim()) at
   /// position(), quantizing the blocks that leave the tail. Accepts Tensor4<T> and
@@ -155,13 +155,11 @@ class QuantizedKVCache {
     const Index old_quantized = quantized_positions(old_size);
     const Index new_quantized = quantized_positions(new_size);
     const Strides in_strides = Layout::strides(in);
-    const Strides tail_strides = tail_strides_();
     // Row (b, h) of absolute position p: the tail for p < old_size, else the input (zeros for
     // batch rows the input does not have).
     auto source = [&](bool keys, Index b, Index h, Index p) -> const T* {
       if (p < old_size)
-        return (keys ? tail_keys_.data() : tail_values_.data()) + b * tail_strides.batch +
-               h * tail_strides.head + slot(p) * tail_strides.seq;
+        return std::as_const(tail_).row(keys ? detail::KVPart::keys : detail::KVPart::values, b, h, slot(p));
       if (b >= in.batch) return zero_row.data();
       return (keys ? k_view.data : v_view.data) + b * in_strides.batch + h * in_strides.head +
              (p - old_size) * in_strides.seq;
@@ -185,10 +183,8 @@ class QuantizedKVCache {
     for (Index p = std::max(old_size, new_quantized); p < new_size; ++p)
       for (Index b = 0; b < batch_size_; ++b)
         for (Index h = 0; h < num_heads_; ++h) {
-          const Index at =
-              b * tail_strides.batch + h * tail_strides.head + slot(p) * tail_strides.seq;
-          std::copy_n(source(true, b, h, p), head_dim_, tail_keys_.data() + at);
-          std::copy_n(source(false, b, h, p), head_dim_, tail_values_.data() + at);
+          std::copy_n(source(true, b, h, p), head_dim_, tail_.row(detail::KVPart::keys, b, h, slot(p)));
+          std::copy_n(source(false, b, h, p), head_dim_, tail_.row(detail::KVPart::values, b, h, slot(p)));
         }
     position_ = new_size;
   }
@@ -233,7 +229,6 @@ class QuantizedKVCache {
                                      position_, "], got ", n);
     const Index old_quantized = quantized_positions(position_);
     const Index new_quantized = quantized_positions(n);  // <= old_quantized
-    const Strides tail_strides = tail_strides_();
     // Positions [new_quantized, min(n, old_quantized)) return to the tail. With the positions
     // [old_quantized, n) already there they are the new tail, n - new_quantized <= ring_
     // positions, so their slots are distinct.
@@ -242,10 +237,8 @@ class QuantizedKVCache {
       for (Index b = 0; b < batch_size_; ++b)
         for (Index h = 0; h < num_heads_; ++h) {
           const std::uint8_t* block = block_at(b, h, block_idx);
-          const Index at =
-              b * tail_strides.batch + h * tail_strides.head + slot(p) * tail_strides.seq;
-          detail::dequantize_key_row<Bits>(block, token, format_, tail_keys_.data() + at);
-          detail::dequantize_value_row<Bits>(block, token, format_, tail_values_.data() + at);
+          detail::dequantize_key_row<Bits>(block, token, format_, tail_.row(detail::KVPart::keys, b, h, slot(p)));
+          detail::dequantize_value_row<Bits>(block, token, format_, tail_.row(detail::KVPart::values, b, h, slot(p)));
         }
     }
     position_ = n;
@@ -254,7 +247,7 @@ class QuantizedKVCache {
   /// \brief Bytes of K/V storage this object owns, all allocated by the constructor: the
   /// quantized blocks (batch * heads * max_blocks * block bytes) plus the T tail ring.
   std::size_t memory_bytes() const {
-    return blocks_.size() + 2 * static_cast<std::size_t>(tail_keys_.size()) * sizeof(T);
+    return blocks_.size() + tail_.memory_bytes();
   }
 
   /// \brief The kernel's view: the quantized blocks, then the tail (up to two runs of the
@@ -277,140 +270,16 @@ class QuantizedKVCache {
     blocks.bits = Bits;
     view.add_quantized(blocks);
     for_each_tail_run(quantized, position_, [&](Index first_slot, Index length, Index p) {
-      const Strides s = tail_strides_();
-      view.add({tail_keys_.data() + first_slot * s.seq, tail_values_.data() + first_slot * s.seq, s,
-                p, length});
+      view.add(tail_.segment(first_slot, length, p));
     });
     return view;
   }
 
-  /// \brief Writes the cache to `out` (docs/persistence_format.md): shape, max_seq_len,
-  /// position, Bits, the QuantConfig, quantized_size() and the tail ring's size; then the
-  /// quantized blocks as stored (codes, bfloat16 zero points and scales) and the unquantized
-  /// tail in T, with a CRC-32C. Throws std::ios_base::failure when the stream fails (the stream
-  /// may then hold a partial record).
-  void save(std::ostream& out) const {
-    detail::Writer writer(out, detail::persistence_owner<QuantizedKVCache>("save"));
-    detail::RecordHeader header;
-    header.type = detail::record_type_of<QuantizedKVCache>();
-    header.batch_size = batch_size_;
-    header.num_heads = num_heads_;
-    header.head_dim = head_dim_;
-    header.capacity = max_seq_len_;
-    header.position = position_;
-    header.group_size = config_.group_size;
-    header.residual_length = config_.residual_length;
-    header.quantized_positions = quantized_positions(position_);
-    header.tail_slots = ring_;
-    detail::write_record_header(writer, header);
-    const Index num_blocks = header.quantized_positions / config_.group_size;
-    std::vector<std::uint8_t> block_bytes(static_cast<std::size_t>(format_.block_bytes()));
-    for (Index b = 0; b < batch_size_; ++b)
-      for (Index h = 0; h < num_heads_; ++h)
-        for (Index i = 0; i < num_blocks; ++i) {
-          std::copy_n(block_at(b, h, i), block_bytes.size(), block_bytes.data());
-          scale_arrays_to_little_endian(block_bytes.data());
-          writer.write_bytes(block_bytes.data(), block_bytes.size(), "quantized blocks");
-        }
-    const Index tail_length = position_ - header.quantized_positions;
-    const Strides ts = tail_strides_();
-    for (const bool keys : {true, false})
-      detail::write_rows<Layout>(
-          writer, batch_size_, num_heads_, tail_length, head_dim_,
-          [&](Index b, Index h, Index i) {
-            return detail::row_at(keys ? tail_keys_.data() : tail_values_.data(), ts, b, h,
-                                  slot(header.quantized_positions + i));
-          },
-          keys ? "tail keys" : "tail values");
-    detail::write_record_checksum(writer);
-    writer.finish();
-  }
 
-  /// \brief Reads a cache written by save(): the same max_seq_len, config, position, quantized
-  /// blocks and tail, bit for bit, so further update(), crop() and attend() calls behave
-  /// exactly as on the original. Throws kvcache::FormatError (naming the expected and the
-  /// received value) when the stream does not hold an intact QuantizedKVCache<T, Bits, Layout>
-  /// record or fails; the stream is left right after the record.
-  static QuantizedKVCache load(std::istream& in) { return load(in, LoadLimits{}); }
-  /// \brief load() with a bound on the memory the loaded cache may own (see LoadLimits).
-  static QuantizedKVCache load(std::istream& in, const LoadLimits& limits) {
-    detail::Reader reader(in, detail::persistence_owner<QuantizedKVCache>("load"));
-    const detail::RecordHeader h =
-        detail::read_record_header(reader, detail::record_type_of<QuantizedKVCache>());
-    if (h.capacity < 1) reader.fail("capacity: expected at least 1, got ", h.capacity);
-    detail::require_at_most(reader, "position", h.position, "capacity", h.capacity);
-    QuantConfig config;
-    config.group_size = h.group_size;
-    config.residual_length = h.residual_length;
-    try {
-      validate_quant_config<Bits>(config, h.head_dim);
-    } catch (const std::invalid_argument& e) {
-      reader.fail("invalid quantization config: ", detail::without_library_prefix(e.what()));
-    }
-    const Index tail_capacity = detail::unquantized_tail_capacity(config);
-    detail::require_equal(reader, "tail_slots", h.tail_slots,
-                          std::max<Index>(1, std::min(tail_capacity, h.capacity)),
-                          "max(1, min(max(residual_length, group_size - 1), capacity))");
-    const Index quantized = h.position - detail::unquantized_tail_length(h.position, config);
-    detail::require_equal(reader, "quantized_positions", h.quantized_positions, quantized,
-                          "position minus its unquantized tail");
-    // The storage, every product checked: blocks of the whole capacity plus the tail ring.
-    const Index code_bytes = detail::checked_product(
-        reader, "code bytes of a block",
-        {h.group_size, h.head_dim / detail::QuantBlockFormat<Bits>::codes_per_byte});
-    const Index block_bytes = detail::checked_sum(
-        reader, "block bytes",
-        detail::checked_product(
-            reader, "code bytes of a block",
-            {2, detail::checked_sum(reader, "code bytes of a block", code_bytes, code_bytes % 2)}),
-        detail::checked_product(reader, "scale bytes of a block", {8, h.head_dim}));
-    const Index max_blocks =
-        (h.capacity - detail::unquantized_tail_length(h.capacity, config)) / h.group_size;
-    const Index blocks_bytes = detail::checked_product(
-        reader, "quantized block bytes", {h.batch_size, h.num_heads, max_blocks, block_bytes});
-    const Index tail_bytes =
-        detail::checked_product(reader, "tail bytes", {2, h.batch_size, h.num_heads, h.tail_slots,
-                                                       h.head_dim, Index(sizeof(T))});
-    detail::require_within_limit(
-        reader, detail::checked_sum(reader, "K/V storage bytes", blocks_bytes, tail_bytes), limits);
-    // The payload is at most the storage just bounded: no product below can overflow.
-    const Index num_blocks = quantized / h.group_size;
-    const std::vector<std::uint8_t> blocks = reader.read_byte_array(
-        static_cast<std::uint64_t>(h.batch_size * h.num_heads * num_blocks * block_bytes),
-        "quantized blocks");
-    const Index tail_length = h.position - quantized;
-    const auto tail_count =
-        static_cast<std::uint64_t>(h.batch_size * h.num_heads * tail_length * h.head_dim);
-    const std::vector<T> tail_keys = reader.read_elements<T>(tail_count, "tail keys");
-    const std::vector<T> tail_values = reader.read_elements<T>(tail_count, "tail values");
-    detail::read_record_checksum(reader);
-
-    QuantizedKVCache cache(h.batch_size, h.capacity, h.num_heads, h.head_dim, config);
-    const std::uint8_t* next_block = blocks.data();
-    for (Index b = 0; b < h.batch_size; ++b)
-      for (Index head = 0; head < h.num_heads; ++head)
-        for (Index i = 0; i < num_blocks; ++i) {
-          std::uint8_t* block = cache.block_at(b, head, i);
-          std::copy_n(next_block, block_bytes, block);
-          cache.scale_arrays_from_little_endian(block);
-          next_block += block_bytes;
-        }
-    const Strides ts = cache.tail_strides_();
-    detail::place_rows<Layout>(tail_keys, h.batch_size, h.num_heads, tail_length, h.head_dim,
-                               [&](Index b, Index head, Index i) {
-                                 return detail::row_at(cache.tail_keys_.data(), ts, b, head,
-                                                       cache.slot(quantized + i));
-                               });
-    detail::place_rows<Layout>(tail_values, h.batch_size, h.num_heads, tail_length, h.head_dim,
-                               [&](Index b, Index head, Index i) {
-                                 return detail::row_at(cache.tail_values_.data(), ts, b, head,
-                                                       cache.slot(quantized + i));
-                               });
-    cache.position_ = h.position;
-    return cache;
-  }
 
  private:
+  friend struct detail::QuantizedRecord<QuantizedKVCache>;
+
   /// Refuses what a group's bfloat16 zero point and scale cannot hold, before update() changes
   /// anything (std::invalid_argument naming the element): NaN and +-infinity (one would
   /// corrupt the zero point and scale its whole group shares, and an attention over it would
@@ -445,27 +314,6 @@ class QuantizedKVCache {
         }
   }
 
-  /// A block's bfloat16 zero points and scales (native byte order in memory) as little-endian
-  /// in a saved record, and back; the codes are bytes and need no conversion. Both are the
-  /// identity on little-endian hosts.
-  void scale_arrays_to_little_endian(std::uint8_t* block) const {
-    for (const Index offset : {format_.key_zeros_offset(), format_.value_zeros_offset()})
-      for (Index j = 0; j < 2 * head_dim_; ++j) {  // zeros then scales: 2 * head_dim numbers
-        std::uint8_t* at = block + offset + 2 * j;
-        std::uint16_t number;
-        std::memcpy(&number, at, sizeof number);
-        detail::store_little_endian(at, number);
-      }
-  }
-  void scale_arrays_from_little_endian(std::uint8_t* block) const {
-    for (const Index offset : {format_.key_zeros_offset(), format_.value_zeros_offset()})
-      for (Index j = 0; j < 2 * head_dim_; ++j) {
-        std::uint8_t* at = block + offset + 2 * j;
-        const auto number = detail::load_little_endian<std::uint16_t>(at);
-        std::memcpy(at, &number, sizeof number);
-      }
-  }
-
   static QuantConfig checked_config(Index batch_size, Index max_seq_len, Index num_heads,
                                     Index head_dim, const QuantConfig& config) {
     const char* kind = "QuantizedKVCache";
@@ -484,9 +332,6 @@ class QuantizedKVCache {
   }
 
   Index slot(Index p) const { return p % ring_; }
-  Strides tail_strides_() const {
-    return Layout::strides({batch_size_, num_heads_, ring_, head_dim_});
-  }
 
   std::uint8_t* block_at(Index b, Index h, Index block_idx) {
     return blocks_.data() +
@@ -513,15 +358,13 @@ class QuantizedKVCache {
   Index max_blocks_;  ///< blocks per (batch row, head) at max_seq_len positions
   Index ring_;        ///< tail slots
   std::vector<std::uint8_t, detail::CacheLineAllocator<std::uint8_t>> blocks_;
-  Tensor4<T> tail_keys_;
-  Tensor4<T> tail_values_;
+  detail::KVStorage<T, Layout> tail_;  ///< the unquantized tail: a ring of ring_ slots
   Index position_ = 0;
 };
 
 namespace detail {
 template <class T, int Bits, class Layout>
-struct record_kind<QuantizedKVCache<T, Bits, Layout>>
-    : std::integral_constant<CacheKind, CacheKind::quantized_cache> {};
+struct RecordTraits<QuantizedKVCache<T, Bits, Layout>> : QuantizedRecord<QuantizedKVCache<T, Bits, Layout>> {};
 }  // namespace detail
 
 /// \brief QuantizedKVCache with 8-bit codes.

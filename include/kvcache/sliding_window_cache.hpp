@@ -4,7 +4,7 @@
 #define KVCACHE_SLIDING_WINDOW_CACHE_HPP
 
 #include <kvcache/detail/kv_storage.hpp>
-#include <kvcache/persistence.hpp>
+#include <kvcache/detail/record_codec.hpp>
 
 #include <algorithm>
 #include <cstddef>
@@ -52,7 +52,7 @@ namespace kvcache {
 /// rows to zero at the new positions. No crop(): rolling back a ring would need positions it
 /// has already overwritten.
 template <class T, class Layout = BHSD>
-class SlidingWindowKVCache {
+class SlidingWindowKVCache : public detail::Persistent<SlidingWindowKVCache<T, Layout>> {
   static_assert((detail::check_cache_parameters<T, Layout>(), true));
 
  public:
@@ -145,95 +145,11 @@ class SlidingWindowKVCache {
   /// non-sink position still held. Valid until the cache is next modified.
   detail::KVView<T> attention_view() const { return view_from(first_held_position()); }
 
-  /// \brief Writes the cache to `out` (docs/persistence_format.md): shape, window, sinks, the
-  /// ring's size and next slot, position, and every position the storage still holds (the
-  /// sinks, then the ring's positions oldest first; more than size() when a long chunk grew
-  /// the ring), with a CRC-32C. Throws std::ios_base::failure when the stream fails (the
-  /// stream may then hold a partial record).
-  void save(std::ostream& out) const {
-    detail::Writer writer(out, detail::persistence_owner<SlidingWindowKVCache>("save"));
-    const Shape s = storage_.shape();
-    detail::RecordHeader header;
-    header.type = detail::record_type_of<SlidingWindowKVCache>();
-    header.batch_size = s.batch;
-    header.num_heads = s.heads;
-    header.head_dim = s.head_dim;
-    header.capacity = capacity();
-    header.position = position_;
-    header.window = window_;
-    header.num_sink_tokens = num_sink_tokens_;
-    header.ring_slots = ring_capacity();
-    header.next_ring_slot = next_ring_slot(position_, num_sink_tokens_, ring_capacity());
-    detail::write_record_header(writer, header);
-    const std::vector<Index> slots = held_slots();
-    const detail::KVSegment<T> all = storage_.segment(0, storage_.capacity(), 0);
-    const auto index = [](Index i) { return static_cast<std::size_t>(i); };
-    detail::write_rows<Layout>(
-        writer, s.batch, s.heads, Index(slots.size()), s.head_dim,
-        [&](Index b, Index h, Index i) {
-          return detail::row_at(all.keys, all.strides, b, h, slots[index(i)]);
-        },
-        "keys");
-    detail::write_rows<Layout>(
-        writer, s.batch, s.heads, Index(slots.size()), s.head_dim,
-        [&](Index b, Index h, Index i) {
-          return detail::row_at(all.values, all.strides, b, h, slots[index(i)]);
-        },
-        "values");
-    detail::write_record_checksum(writer);
-    writer.finish();
-  }
 
-  /// \brief Reads a cache written by save(): the same window, sinks, ring (size and offset),
-  /// position and held positions, bit for bit, so further update() and attend() calls behave
-  /// exactly as on the original. Throws kvcache::FormatError (naming the expected and the
-  /// received value) when the stream does not hold an intact SlidingWindowKVCache<T, Layout>
-  /// record or fails; the stream is left right after the record.
-  static SlidingWindowKVCache load(std::istream& in) { return load(in, LoadLimits{}); }
-  /// \brief load() with a bound on the memory the loaded cache may own (see LoadLimits).
-  static SlidingWindowKVCache load(std::istream& in, const LoadLimits& limits) {
-    detail::Reader reader(in, detail::persistence_owner<SlidingWindowKVCache>("load"));
-    const detail::RecordHeader h =
-        detail::read_record_header(reader, detail::record_type_of<SlidingWindowKVCache>());
-    if (h.window < 1) reader.fail("window: expected at least 1, got ", h.window);
-    detail::require_equal(
-        reader, "capacity", h.capacity,
-        detail::checked_sum(reader, "num_sink_tokens + window", h.num_sink_tokens, h.window),
-        "num_sink_tokens + window");
-    if (h.ring_slots < h.window)
-      reader.fail("ring_slots: expected at least window = ", h.window, ", got ", h.ring_slots);
-    const Index slots =
-        detail::checked_sum(reader, "num_sink_tokens + ring_slots", h.num_sink_tokens, h.ring_slots);
-    detail::require_within_limit(
-        reader,
-        detail::checked_product(reader, "K/V storage bytes",
-                                {2, h.batch_size, h.num_heads, slots, h.head_dim, Index(sizeof(T))}),
-        limits);
-    detail::require_equal(reader, "next_ring_slot", h.next_ring_slot,
-                          next_ring_slot(h.position, h.num_sink_tokens, h.ring_slots),
-                          "(max(position, num_sink_tokens) - num_sink_tokens) % ring_slots");
-    const Index held = std::min(h.position, h.num_sink_tokens) +
-                       std::min(std::max<Index>(h.position - h.num_sink_tokens, 0), h.ring_slots);
-    // At most the storage just bounded: cannot overflow.
-    const auto count = static_cast<std::uint64_t>(h.batch_size * h.num_heads * held * h.head_dim);
-    const std::vector<T> keys = reader.read_elements<T>(count, "keys");
-    const std::vector<T> values = reader.read_elements<T>(count, "values");
-    detail::read_record_checksum(reader);
-
-    SlidingWindowKVCache cache(h.batch_size, h.window, h.num_heads, h.head_dim,
-                               h.num_sink_tokens);
-    if (h.ring_slots > h.window)
-      cache.storage_ = detail::KVStorage<T, Layout>(h.batch_size, h.num_heads, slots, h.head_dim);
-    cache.position_ = h.position;
-    const std::vector<Index> held_slots = cache.held_slots();
-    const std::array<Index, 4> dims = Layout::dims({h.batch_size, h.num_heads, held, h.head_dim});
-    for (Index i = 0; i < held; ++i)
-      cache.storage_.write_range({keys.data(), dims}, {values.data(), dims}, i, 1,
-                                 held_slots[static_cast<std::size_t>(i)]);
-    return cache;
-  }
 
  private:
+  friend struct detail::RecordTraits<SlidingWindowKVCache>;
+
   /// The ring slot (0-based, after the sinks) the next non-sink position goes to.
   static Index next_ring_slot(Index position, Index num_sink_tokens, Index ring) {
     return (std::max(position, num_sink_tokens) - num_sink_tokens) % ring;
@@ -346,9 +262,68 @@ class SlidingWindowKVCache {
 };
 
 namespace detail {
+/// A SlidingWindowKVCache record: shape, capacity (num_sink_tokens + window), position, the
+/// window, the sinks, the ring's size and next slot, then every position the storage holds
+/// (the sinks, then the ring's oldest first; more than size() when a long chunk grew the ring).
 template <class T, class Layout>
-struct record_kind<SlidingWindowKVCache<T, Layout>>
-    : std::integral_constant<CacheKind, CacheKind::sliding_window_cache> {};
+struct RecordTraits<SlidingWindowKVCache<T, Layout>> {
+  using Cache = SlidingWindowKVCache<T, Layout>;
+  static constexpr CacheKind kind = CacheKind::sliding_window_cache;
+  struct Header : CacheHeader {
+    Index window = 0;
+    Index num_sink_tokens = 0;
+    Index ring_slots = 0;      ///< storage slots of the ring (>= window)
+    Index next_ring_slot = 0;  ///< ring slot (after the sinks) of the next non-sink position
+  };
+  static constexpr auto fields = cache_fields<Header>(
+      HeaderField<Header>{"window", &Header::window}, HeaderField<Header>{"num_sink_tokens", &Header::num_sink_tokens},
+      HeaderField<Header>{"ring_slots", &Header::ring_slots}, HeaderField<Header>{"next_ring_slot", &Header::next_ring_slot});
+
+  static Header header(const Cache& c) {
+    Header h;
+    static_cast<CacheHeader&>(h) = {c.batch_size(), c.num_heads(), c.head_dim(), c.capacity(), c.position()};
+    h.window = c.window_;
+    h.num_sink_tokens = c.num_sink_tokens_;
+    h.ring_slots = c.ring_capacity();
+    h.next_ring_slot = Cache::next_ring_slot(c.position_, c.num_sink_tokens_, c.ring_capacity());
+    return h;
+  }
+  static void write_payload(const Cache& cache, const Header&, Writer& writer) {
+    write_view_rows<Layout>(writer, cache.attention_view());
+  }
+  static KVRows<T> read_payload(Reader& reader, const Header& h, const LoadLimits& limits) {
+    if (h.window < 1) reader.fail("window: expected at least 1, got ", h.window);
+    require_equal(reader, "capacity", h.capacity,
+                  checked_sum(reader, "num_sink_tokens + window", h.num_sink_tokens, h.window),
+                  "num_sink_tokens + window");
+    if (h.ring_slots < h.window)
+      reader.fail("ring_slots: expected at least window = ", h.window, ", got ", h.ring_slots);
+    const Index slots = checked_sum(reader, "num_sink_tokens + ring_slots", h.num_sink_tokens, h.ring_slots);
+    require_equal(reader, "next_ring_slot", h.next_ring_slot,
+                  Cache::next_ring_slot(h.position, h.num_sink_tokens, h.ring_slots),
+                  "(max(position, num_sink_tokens) - num_sink_tokens) % ring_slots");
+    return read_cache_rows<T>(reader, h, slots, held(h), limits);
+  }
+  static Cache build(const Header& h, KVRows<T>&& rows) {
+    Cache cache(h.batch_size, h.window, h.num_heads, h.head_dim, h.num_sink_tokens);
+    if (h.ring_slots > h.window)
+      cache.storage_ = KVStorage<T, Layout>(h.batch_size, h.num_heads, h.num_sink_tokens + h.ring_slots, h.head_dim);
+    cache.position_ = h.position;
+    const std::vector<Index> slots = cache.held_slots();
+    const std::array<Index, 4> dims = Layout::dims({h.batch_size, h.num_heads, held(h), h.head_dim});
+    for (Index i = 0; i < held(h); ++i)
+      cache.storage_.write_range({rows.keys.data(), dims}, {rows.values.data(), dims}, i, 1,
+                                 slots[static_cast<std::size_t>(i)]);
+    return cache;
+  }
+
+ private:
+  /// Positions the storage holds: the sinks reached, then the ring's.
+  static Index held(const Header& h) {
+    return std::min(h.position, h.num_sink_tokens) +
+           std::min(std::max<Index>(h.position - h.num_sink_tokens, 0), h.ring_slots);
+  }
+};
 }  // namespace detail
 
 }  // namespace kvcache

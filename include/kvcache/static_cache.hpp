@@ -17,7 +17,8 @@ namespace kvcache {
 /// An update with fewer batch rows than batch_size() writes rows [0, b) and sets the other
 /// rows to zero at the new positions.
 template <class T, class Layout = BHSD>
-class StaticKVCache : public detail::ContiguousKVCache<T, Layout> {
+class StaticKVCache : public detail::ContiguousKVCache<T, Layout>,
+                      public detail::Persistent<StaticKVCache<T, Layout>> {
   using Base = detail::ContiguousKVCache<T, Layout>;
 
  public:
@@ -36,23 +37,7 @@ class StaticKVCache : public detail::ContiguousKVCache<T, Layout> {
     this->append("StaticKVCache::update", k, v, /*grow=*/false);
   }
 
-  /// \brief Writes the cache to `out` (docs/persistence_format.md): shape, max_seq_len,
-  /// position and the size() held positions, with a CRC-32C. Throws std::ios_base::failure
-  /// when the stream fails (the stream may then hold a partial record).
-  void save(std::ostream& out) const { this->template save_record<StaticKVCache>(out); }
 
-  /// \brief Reads a cache written by save(): the same max_seq_len, position and contents, bit
-  /// for bit. Throws kvcache::FormatError (naming the expected and the received value) when the
-  /// stream does not hold an intact StaticKVCache<T, Layout> record or fails; the stream is
-  /// left right after the record.
-  static StaticKVCache load(std::istream& in) { return load(in, LoadLimits{}); }
-  /// \brief load() with a bound on the memory the loaded cache may own (see LoadLimits).
-  static StaticKVCache load(std::istream& in, const LoadLimits& limits) {
-    return Base::template load_record<StaticKVCache>(
-        in, limits, /*min_capacity=*/1, [](const detail::RecordHeader& h) {
-          return StaticKVCache(h.batch_size, h.capacity, h.num_heads, h.head_dim);
-        });
-  }
 
  private:
   static Index positive_length(Index max_seq_len) {
@@ -62,9 +47,14 @@ class StaticKVCache : public detail::ContiguousKVCache<T, Layout> {
 };
 
 namespace detail {
+/// A StaticKVCache record: ContiguousRecord with a capacity of at least 1.
 template <class T, class Layout>
-struct record_kind<StaticKVCache<T, Layout>>
-    : std::integral_constant<CacheKind, CacheKind::static_cache> {};
+struct RecordTraits<StaticKVCache<T, Layout>> : ContiguousRecord<StaticKVCache<T, Layout>, 1> {
+  static constexpr CacheKind kind = CacheKind::static_cache;
+  static StaticKVCache<T, Layout> empty(const CacheHeader& h) {
+    return StaticKVCache<T, Layout>(h.batch_size, h.capacity, h.num_heads, h.head_dim);
+  }
+};
 }  // namespace detail
 
 }  // namespace kvcache

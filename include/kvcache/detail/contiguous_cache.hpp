@@ -4,7 +4,7 @@
 #define KVCACHE_DETAIL_CONTIGUOUS_CACHE_HPP
 
 #include <kvcache/detail/kv_storage.hpp>
-#include <kvcache/persistence.hpp>
+#include <kvcache/detail/record_codec.hpp>
 
 #include <cstddef>
 #include <istream>
@@ -107,63 +107,8 @@ class ContiguousKVCache {
     position_ += in.seq;
   }
 
-  /// The record of `Cache` (the derived class): header, keys and values of positions
-  /// [0, position()) as two (batch, heads, position, head_dim) tensors in Layout, checksum.
-  template <class Cache>
-  void save_record(std::ostream& out) const {
-    Writer writer(out, persistence_owner<Cache>("save"));
-    const Shape s = storage_.shape();
-    RecordHeader header;
-    header.type = record_type_of<Cache>();
-    header.batch_size = s.batch;
-    header.num_heads = s.heads;
-    header.head_dim = s.head_dim;
-    header.capacity = s.seq;
-    header.position = position_;
-    write_record_header(writer, header);
-    const KVSegment<T> held = storage_.segment(0, position_, 0);
-    write_rows<Layout>(
-        writer, s.batch, s.heads, position_, s.head_dim,
-        [&](Index b, Index h, Index i) { return row_at(held.keys, held.strides, b, h, i); },
-        "keys");
-    write_rows<Layout>(
-        writer, s.batch, s.heads, position_, s.head_dim,
-        [&](Index b, Index h, Index i) { return row_at(held.values, held.strides, b, h, i); },
-        "values");
-    write_record_checksum(writer);
-    writer.finish();
-  }
-
-  /// Reads a record of `Cache` written by save_record. Everything is checked and the payload
-  /// read (into memory that grows as it arrives) before make_empty(header) allocates the cache
-  /// of header.capacity positions. `min_capacity`: 1 for static caches, 0 for dynamic ones.
-  template <class Cache, class MakeEmpty>
-  static Cache load_record(std::istream& in, const LoadLimits& limits, Index min_capacity,
-                           MakeEmpty&& make_empty) {
-    Reader reader(in, persistence_owner<Cache>("load"));
-    const RecordHeader header = read_record_header(reader, record_type_of<Cache>());
-    if (header.capacity < min_capacity)
-      reader.fail("capacity: expected at least ", min_capacity, ", got ", header.capacity);
-    require_at_most(reader, "position", header.position, "capacity", header.capacity);
-    require_within_limit(reader,
-                         checked_product(reader, "K/V storage bytes",
-                                         {2, header.batch_size, header.num_heads, header.capacity,
-                                          header.head_dim, Index(sizeof(T))}),
-                         limits);
-    // At most the storage just bounded: cannot overflow.
-    const auto count = static_cast<std::uint64_t>(header.batch_size * header.num_heads *
-                                                  header.position * header.head_dim);
-    const std::vector<T> keys = reader.read_elements<T>(count, "keys");
-    const std::vector<T> values = reader.read_elements<T>(count, "values");
-    read_record_checksum(reader);
-
-    Cache cache = make_empty(header);
-    const std::array<Index, 4> dims =
-        Layout::dims({header.batch_size, header.num_heads, header.position, header.head_dim});
-    cache.storage_.write({keys.data(), dims}, {values.data(), dims}, 0);
-    cache.position_ = header.position;
-    return cache;
-  }
+  template <class Cache, Index MinCapacity>
+  friend struct ContiguousRecord;
 
   KVStorage<T, Layout> storage_;
   Index position_ = 0;
@@ -177,6 +122,39 @@ class ContiguousKVCache {
     if (capacity < 0)
       throw_invalid_argument(kind, ": capacity must not be negative, got ", capacity);
     return KVStorage<T, Layout>(batch_size, num_heads, capacity, head_dim);
+  }
+};
+
+/// The records of StaticKVCache and DynamicKVCache (their RecordTraits derive from it, adding
+/// `kind` and `empty(header)`, the cache a header describes): shape, capacity and position,
+/// then the keys and values of positions [0, position()). A capacity below MinCapacity is
+/// rejected.
+template <class Cache, Index MinCapacity>
+struct ContiguousRecord {
+  using T = typename Cache::element_type;
+  using Layout = typename Cache::layout_type;
+  using Header = CacheHeader;
+  static constexpr auto fields = cache_fields<CacheHeader>();
+
+  static Header header(const Cache& cache) {
+    return {cache.batch_size(), cache.num_heads(), cache.head_dim(), cache.capacity(),
+            cache.position()};
+  }
+  static void write_payload(const Cache& cache, const Header&, Writer& writer) {
+    write_view_rows<Layout>(writer, cache.attention_view());
+  }
+  static KVRows<T> read_payload(Reader& reader, const Header& h, const LoadLimits& limits) {
+    if (h.capacity < MinCapacity)
+      reader.fail("capacity: expected at least ", MinCapacity, ", got ", h.capacity);
+    require_at_most(reader, "position", h.position, "capacity", h.capacity);
+    return read_cache_rows<T>(reader, h, h.capacity, h.position, limits);
+  }
+  static Cache build(const Header& h, KVRows<T>&& rows) {
+    Cache cache = RecordTraits<Cache>::empty(h);
+    const std::array<Index, 4> dims = Layout::dims({h.batch_size, h.num_heads, h.position, h.head_dim});
+    cache.storage_.write({rows.keys.data(), dims}, {rows.values.data(), dims}, 0);
+    cache.position_ = h.position;
+    return cache;
   }
 };
 

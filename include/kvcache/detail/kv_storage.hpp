@@ -5,7 +5,7 @@
 
 #include <kvcache/detail/kv_view.hpp>
 #include <kvcache/errors.hpp>
-#include <kvcache/quantization.hpp>
+#include <kvcache/detail/quantizer.hpp>
 
 #include <algorithm>
 #include <cstddef>
@@ -227,6 +227,14 @@ class KVStorage {
     return 2 * static_cast<std::size_t>(keys_.size()) * sizeof(T);
   }
 
+  /// The row (head_dim elements) of batch row b, head h at storage position `slot`.
+  T* row(KVPart part, Index b, Index h, Index slot) {
+    return row_at(part == KVPart::keys ? keys_.data() : values_.data(), b, h, slot);
+  }
+  const T* row(KVPart part, Index b, Index h, Index slot) const {
+    return row_at(part == KVPart::keys ? keys_.data() : values_.data(), b, h, slot);
+  }
+
   /// The first element of the keys and of the values (position 0 of batch row 0, head 0).
   T* keys_data() { return keys_.data(); }
   T* values_data() { return values_.data(); }
@@ -238,6 +246,12 @@ class KVStorage {
                                            Index head_dim) {
     checked_element_count("cache storage", {batch_size, num_heads, capacity, head_dim}, sizeof(T));
     return Layout::dims({batch_size, num_heads, capacity, head_dim});
+  }
+
+  template <class P>
+  P* row_at(P* base, Index b, Index h, Index slot) const {
+    const Strides s = strides();
+    return base + b * s.batch + h * s.head + slot * s.seq;
   }
 
   Tensor4<T> copy_range(const Tensor4<T>& from, Index begin, Index length) const {

@@ -1,10 +1,11 @@
-// kvcache: the saved form of a PagedKVCache (record kind 8, docs/persistence_format.md) - the
-// pool's save() and load(), kept apart from the pool's bookkeeping. A friend of the pool.
+// kvcache: the record of a PagedKVCache (kind 8, docs/persistence_format.md) - its RecordTraits,
+// which paged_cache.hpp derives from PagedRecord (a friend of the pool), kept apart from the
+// pool's bookkeeping.
 #ifndef KVCACHE_DETAIL_PAGED_RECORD_HPP
 #define KVCACHE_DETAIL_PAGED_RECORD_HPP
 
 #include <kvcache/detail/prefix_index.hpp>
-#include <kvcache/persistence.hpp>
+#include <kvcache/detail/record_codec.hpp>
 
 #include <algorithm>
 #include <cassert>
@@ -27,20 +28,45 @@ struct PagedRecord {
   /// A published prefix's parent field when it hangs from the root.
   static constexpr std::uint32_t kNoParent = 0xFFFFFFFFu;
 
-  /// PagedKVCache::save.
-  static void save(const Pool& pool, std::ostream& out) {
-    Writer writer(out, persistence_owner<Pool>("save"));
-    RecordHeader header;
-    header.type = record_type_of<Pool>();
-    header.num_layers = pool.config_.num_layers;
-    header.num_blocks = pool.config_.num_blocks;
-    header.block_size = pool.config_.block_size;
-    header.num_heads = pool.config_.num_heads;
-    header.head_dim = pool.config_.head_dim;
-    header.num_sequences = static_cast<Index>(pool.sequences_.size());
-    header.published_blocks = pool.index_.size();
-    header.next_sequence_id = pool.next_id_;
-    write_record_header(writer, header);
+  static constexpr CacheKind kind = CacheKind::paged_cache;
+  /// The numbers of a paged pool's record.
+  struct Header {
+    Index num_layers = 0;
+    Index num_blocks = 0;
+    Index block_size = 0;
+    Index num_heads = 0;
+    Index head_dim = 0;
+    Index num_sequences = 0;
+    Index published_blocks = 0;
+    Index next_sequence_id = 0;
+  };
+  static constexpr std::array<HeaderField<Header>, 8> fields = {{
+      {"num_layers", &Header::num_layers, true},
+      {"num_blocks", &Header::num_blocks, true},
+      {"block_size", &Header::block_size, true},
+      {"num_heads", &Header::num_heads, true},
+      {"head_dim", &Header::head_dim, true},
+      {"num_sequences", &Header::num_sequences},
+      {"published_blocks", &Header::published_blocks},
+      {"next_sequence_id", &Header::next_sequence_id},
+  }};
+
+  static Header header(const Pool& pool) {
+    Header h;
+    h.num_layers = pool.config_.num_layers;
+    h.num_blocks = pool.config_.num_blocks;
+    h.block_size = pool.config_.block_size;
+    h.num_heads = pool.config_.num_heads;
+    h.head_dim = pool.config_.head_dim;
+    h.num_sequences = static_cast<Index>(pool.sequences_.size());
+    h.published_blocks = pool.index_.size();
+    h.next_sequence_id = pool.next_id_;
+    return h;
+  }
+
+  /// The sequences, the published prefixes depth first, the use count, the free stacks, then
+  /// every block's filled rows (keys, values) layer by layer.
+  static void write_payload(const Pool& pool, const Header&, Writer& writer) {
     for (const auto& [id, sequence] : pool.sequences_) {
       writer.write_unsigned(static_cast<std::uint64_t>(id), "sequence id");
       for (Index size : sequence.sizes) writer.write_unsigned(static_cast<std::uint64_t>(size), "sequence size");
@@ -85,14 +111,29 @@ struct PagedRecord {
                            [&](Index, Index h, Index r) { return row_at(pool.block_values(at), pool.block_strides(), 0, h, r); },
                            "values");
       }
-    write_record_checksum(writer);
-    writer.finish();
   }
 
-  /// PagedKVCache::load.
-  static Pool load(std::istream& in, const LoadLimits& limits) {
-    Reader reader(in, persistence_owner<Pool>("load"));
-    const RecordHeader h = read_record_header(reader, record_type_of<Pool>());
+  struct LoadedSequence {
+    SequenceId id;
+    std::vector<Index> sizes;
+    std::vector<std::vector<std::int32_t>> tables;
+  };
+  struct LoadedNode {
+    std::uint32_t parent;
+    std::uint64_t last_used;
+    std::vector<std::int32_t> tokens, blocks;
+  };
+  /// What a record holds after its header, read and checked.
+  struct Payload {
+    std::vector<LoadedSequence> sequences;
+    std::vector<LoadedNode> nodes;
+    std::uint64_t tick = 0;
+    std::vector<std::vector<std::int32_t>> free_lists;  ///< (layer)
+    std::vector<Index> fill;                             ///< (layer, block): filled rows
+    std::vector<T> keys_and_values;
+  };
+
+  static Payload read_payload(Reader& reader, const Header& h, const LoadLimits& limits) {
     require_at_most(reader, "num_blocks", h.num_blocks, "2^31 - 1",
                     std::numeric_limits<std::int32_t>::max());
     require_at_most(reader, "published_blocks", h.published_blocks, "num_blocks", h.num_blocks);
@@ -125,14 +166,11 @@ struct PagedRecord {
       return static_cast<std::int32_t>(value);
     };
 
-    struct LoadedSequence {
-      SequenceId id;
-      std::vector<Index> sizes;
-      std::vector<std::vector<std::int32_t>> tables;
-    };
-    std::vector<LoadedSequence> loaded;
+    Payload payload;
+    std::vector<LoadedSequence>& loaded = payload.sequences;
     std::vector<Index> holders(layers * detail::count(h.num_blocks), 0);
-    std::vector<Index> fill(holders.size(), 0);
+    std::vector<Index>& fill = payload.fill;
+    fill.assign(holders.size(), 0);
     std::vector<Index> seen(holders.size(), -1);  // the sequence that last listed a block
     for (Index s = 0; s < h.num_sequences; ++s) {
       LoadedSequence seq;
@@ -166,12 +204,7 @@ struct PagedRecord {
       loaded.push_back(std::move(seq));
     }
 
-    struct LoadedNode {
-      std::uint32_t parent;
-      std::uint64_t last_used;
-      std::vector<std::int32_t> tokens, blocks;
-    };
-    std::vector<LoadedNode> nodes;
+    std::vector<LoadedNode>& nodes = payload.nodes;
     std::set<std::pair<std::uint32_t, std::vector<std::int32_t>>> edges;
     std::vector<bool> first_blocks(detail::count(h.num_blocks), false);
     std::vector<std::uint32_t> path;  // the previous node and its ancestors (depth-first order)
@@ -201,11 +234,13 @@ struct PagedRecord {
       nodes.push_back(std::move(node));
     }
     const std::uint64_t tick = reader.read_unsigned<std::uint64_t>("prefix use count");
+    payload.tick = tick;
     for (const LoadedNode& node : nodes)
       if (node.last_used > tick)
         reader.fail("prefix last use: expected at most the use count ", tick, ", got ", node.last_used);
 
-    std::vector<std::vector<std::int32_t>> free_lists(layers);
+    std::vector<std::vector<std::int32_t>>& free_lists = payload.free_lists;
+    free_lists.resize(layers);
     for (std::size_t l = 0; l < layers; ++l) {
       const std::uint64_t n = reader.read_unsigned<std::uint64_t>("free count");
       Index unheld = 0;
@@ -224,9 +259,13 @@ struct PagedRecord {
     }
     Index rows = 0;
     for (Index f : fill) rows += f;  // at most the pool's rows
-    const std::vector<T> keys_and_values =
+    payload.keys_and_values =
         reader.read_elements<T>(static_cast<std::uint64_t>(rows * 2 * h.num_heads * h.head_dim), "keys and values");
-    read_record_checksum(reader);
+    return payload;
+  }
+
+  static Pool build(const Header& h, Payload&& payload) {
+    const std::size_t layers = detail::count(h.num_layers);
 
     typename Pool::config_type config;
     config.num_layers = h.num_layers;
@@ -235,7 +274,7 @@ struct PagedRecord {
     config.num_heads = h.num_heads;
     config.head_dim = h.head_dim;
     Pool pool(config);
-    for (LoadedSequence& seq : loaded) {
+    for (LoadedSequence& seq : payload.sequences) {
       typename Pool::Sequence& sequence = pool.sequences_.emplace(seq.id, typename Pool::Sequence(config)).first->second;
       for (std::size_t l = 0; l < layers; ++l) {
         sequence.sizes[l] = seq.sizes[l];
@@ -244,23 +283,23 @@ struct PagedRecord {
       }
     }
     std::vector<std::int32_t> restored;
-    for (const LoadedNode& node : nodes) {
+    for (const LoadedNode& node : payload.nodes) {
       const std::int32_t parent = node.parent == kNoParent ? PrefixIndex::kNone
                                                            : restored[node.parent];
       restored.push_back(pool.index_.restore(parent, node.tokens.data(), node.blocks.data(), node.last_used));
       assert(restored.back() != PrefixIndex::kNone && "kvcache: checked above");
       for (std::size_t l = 0; l < layers; ++l) pool.retain(static_cast<Index>(l), node.blocks[l]);
     }
-    pool.index_.set_tick(tick);
+    pool.index_.set_tick(payload.tick);
     for (std::size_t l = 0; l < layers; ++l) {
-      pool.free_count_[l] = static_cast<Index>(free_lists[l].size());
-      std::copy(free_lists[l].begin(), free_lists[l].end(),
+      pool.free_count_[l] = static_cast<Index>(payload.free_lists[l].size());
+      std::copy(payload.free_lists[l].begin(), payload.free_lists[l].end(),
                 pool.free_.begin() + static_cast<std::ptrdiff_t>(l * detail::count(h.num_blocks)));
     }
-    const T* next = keys_and_values.data();
+    const T* next = payload.keys_and_values.data();
     for (Index layer = 0; layer < h.num_layers; ++layer)
       for (std::int32_t b = 0; b < static_cast<std::int32_t>(h.num_blocks); ++b) {
-        const Index filled = fill[detail::count(layer * h.num_blocks + b)];
+        const Index filled = payload.fill[detail::count(layer * h.num_blocks + b)];
         const Index at = pool.global_block(layer, b);
         for (T* base : {pool.block_keys(at), pool.block_values(at)})
           for_each_row<Layout>(1, h.num_heads, filled, [&](Index, Index head, Index r) {

@@ -9,7 +9,7 @@
 #include <kvcache/layout.hpp>
 #include <kvcache/detail/mask.hpp>
 #include <kvcache/detail/online_softmax.hpp>
-#include <kvcache/quantization.hpp>
+#include <kvcache/detail/quantizer.hpp>
 
 #include <algorithm>
 #include <cstdint>

@@ -1,0 +1,166 @@
+// kvcache: the record of a QuantizedKVCache (docs/persistence_format.md, kind 4) - its
+// RecordTraits, which quantized_cache.hpp derives from QuantizedRecord (a friend of the cache).
+// The quantized blocks are written as stored, their bfloat16 zero points and scales in
+// little-endian order; the unquantized tail as the rows of the cache's view.
+#ifndef KVCACHE_DETAIL_QUANTIZED_RECORD_HPP
+#define KVCACHE_DETAIL_QUANTIZED_RECORD_HPP
+
+#include <kvcache/detail/kv_storage.hpp>
+#include <kvcache/detail/record_codec.hpp>
+#include <kvcache/quantization.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+namespace kvcache {
+namespace detail {
+
+/// The header of a quantized cache's record: CacheHeader (capacity is max_seq_len), then the
+/// QuantConfig, quantized_size() and the tail ring's size.
+struct QuantizedHeader : CacheHeader {
+  Index group_size = 0;
+  Index residual_length = 0;
+  Index quantized_positions = 0;  ///< quantized_size(): positions [0, this) are blocks
+  Index tail_slots = 0;           ///< slots of the unquantized tail ring
+};
+
+/// A block's bfloat16 zero points and scales (key zeros then scales, value zeros then scales:
+/// 2 * head_dim numbers from each offset) between native byte order and little-endian; the
+/// codes are bytes and need no conversion. The identity on little-endian hosts.
+template <int Bits>
+void swap_scale_arrays_to_little_endian(std::uint8_t* block, const QuantBlockFormat<Bits>& format,
+                                        bool to_little_endian) {
+  for (const Index offset : {format.key_zeros_offset(), format.value_zeros_offset()})
+    for (Index j = 0; j < 2 * format.head_dim; ++j) {
+      std::uint8_t* at = block + offset + 2 * j;
+      if (to_little_endian) {
+        std::uint16_t number;
+        std::memcpy(&number, at, sizeof number);
+        store_little_endian(at, number);
+      } else {
+        const auto number = load_little_endian<std::uint16_t>(at);
+        std::memcpy(at, &number, sizeof number);
+      }
+    }
+}
+
+template <class Cache>
+struct QuantizedRecord {
+  using T = typename Cache::element_type;
+  using Layout = typename Cache::layout_type;
+  static constexpr int Bits = Cache::bits;
+  static constexpr CacheKind kind = CacheKind::quantized_cache;
+  using Header = QuantizedHeader;
+  static constexpr auto fields = cache_fields<Header>(
+      HeaderField<Header>{"group_size", &Header::group_size},
+      HeaderField<Header>{"residual_length", &Header::residual_length},
+      HeaderField<Header>{"quantized_positions", &Header::quantized_positions},
+      HeaderField<Header>{"tail_slots", &Header::tail_slots});
+
+  /// What a record holds after its header, as read.
+  struct Payload {
+    std::vector<std::uint8_t> blocks;  ///< (batch, heads, num_blocks) blocks, little-endian
+    KVRows<T> tail;
+  };
+
+  static Header header(const Cache& c) {
+    Header h;
+    static_cast<CacheHeader&>(h) = {c.batch_size_, c.num_heads_, c.head_dim_, c.max_seq_len_, c.position_};
+    h.group_size = c.config_.group_size;
+    h.residual_length = c.config_.residual_length;
+    h.quantized_positions = c.quantized_positions(c.position_);
+    h.tail_slots = c.ring_;
+    return h;
+  }
+
+  static void write_payload(const Cache& c, const Header& h, Writer& writer) {
+    const Index num_blocks = h.quantized_positions / h.group_size;
+    std::vector<std::uint8_t> block(static_cast<std::size_t>(c.format_.block_bytes()));
+    for (Index b = 0; b < h.batch_size; ++b)
+      for (Index head = 0; head < h.num_heads; ++head)
+        for (Index i = 0; i < num_blocks; ++i) {
+          std::copy_n(c.block_at(b, head, i), block.size(), block.data());
+          swap_scale_arrays_to_little_endian(block.data(), c.format_, true);
+          writer.write_bytes(block.data(), block.size(), "quantized blocks");
+        }
+    write_view_rows<Layout>(writer, c.attention_view(), "tail keys", "tail values");
+  }
+
+  static Payload read_payload(Reader& reader, const Header& h, const LoadLimits& limits) {
+    if (h.capacity < 1) reader.fail("capacity: expected at least 1, got ", h.capacity);
+    require_at_most(reader, "position", h.position, "capacity", h.capacity);
+    const QuantConfig config = config_of(h);
+    try {
+      validate_quant_config<Bits>(config, h.head_dim);
+    } catch (const std::invalid_argument& e) {
+      reader.fail("invalid quantization config: ", without_library_prefix(e.what()));
+    }
+    require_equal(reader, "tail_slots", h.tail_slots,
+                  std::max<Index>(1, std::min(unquantized_tail_capacity(config), h.capacity)),
+                  "max(1, min(max(residual_length, group_size - 1), capacity))");
+    const Index quantized = h.position - unquantized_tail_length(h.position, config);
+    require_equal(reader, "quantized_positions", h.quantized_positions, quantized,
+                  "position minus its unquantized tail");
+    // The storage, every product checked: blocks of the whole capacity plus the tail ring.
+    const Index code_bytes = checked_product(
+        reader, "code bytes of a block", {h.group_size, h.head_dim / QuantBlockFormat<Bits>::codes_per_byte});
+    const Index block_bytes = checked_sum(
+        reader, "block bytes",
+        checked_product(reader, "code bytes of a block",
+                        {2, checked_sum(reader, "code bytes of a block", code_bytes, code_bytes % 2)}),
+        checked_product(reader, "scale bytes of a block", {8, h.head_dim}));
+    const Index max_blocks = (h.capacity - unquantized_tail_length(h.capacity, config)) / h.group_size;
+    const Index blocks_bytes = checked_product(reader, "quantized block bytes",
+                                               {h.batch_size, h.num_heads, max_blocks, block_bytes});
+    const Index tail_bytes = checked_product(
+        reader, "tail bytes", {2, h.batch_size, h.num_heads, h.tail_slots, h.head_dim, Index(sizeof(T))});
+    require_within_limit(reader, checked_sum(reader, "K/V storage bytes", blocks_bytes, tail_bytes),
+                         limits);
+    // The payload is at most the storage just bounded: no product below can overflow.
+    Payload payload;
+    payload.blocks = reader.read_byte_array(
+        static_cast<std::uint64_t>(h.batch_size * h.num_heads * (quantized / h.group_size) * block_bytes),
+        "quantized blocks");
+    payload.tail = read_kv_rows<T>(reader, {h.batch_size, h.num_heads, h.position - quantized, h.head_dim},
+                                   "tail keys", "tail values");
+    return payload;
+  }
+
+  static Cache build(const Header& h, Payload&& payload) {
+    Cache cache(h.batch_size, h.capacity, h.num_heads, h.head_dim, config_of(h));
+    const Index num_blocks = h.quantized_positions / h.group_size;
+    const auto block_bytes = static_cast<std::size_t>(cache.format_.block_bytes());
+    const std::uint8_t* next = payload.blocks.data();
+    for (Index b = 0; b < h.batch_size; ++b)
+      for (Index head = 0; head < h.num_heads; ++head)
+        for (Index i = 0; i < num_blocks; ++i, next += block_bytes) {
+          std::uint8_t* block = cache.block_at(b, head, i);
+          std::copy_n(next, block_bytes, block);
+          swap_scale_arrays_to_little_endian(block, cache.format_, false);
+        }
+    const Index tail_length = h.position - h.quantized_positions;
+    for (const KVPart part : {KVPart::keys, KVPart::values})
+      place_rows<Layout>(part == KVPart::keys ? payload.tail.keys : payload.tail.values, h.batch_size,
+                         h.num_heads, tail_length, h.head_dim, [&](Index b, Index head, Index i) {
+                           return cache.tail_.row(part, b, head, cache.slot(h.quantized_positions + i));
+                         });
+    cache.position_ = h.position;
+    return cache;
+  }
+
+ private:
+  static QuantConfig config_of(const Header& h) {
+    QuantConfig config;
+    config.group_size = h.group_size;
+    config.residual_length = h.residual_length;
+    return config;
+  }
+};
+
+}  // namespace detail
+}  // namespace kvcache
+
+#endif  // KVCACHE_DETAIL_QUANTIZED_RECORD_HPP
