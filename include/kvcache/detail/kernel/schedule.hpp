@@ -153,9 +153,12 @@ void run_attention_problems(Index num_problems, ProblemAt&& problem_at,
       std::memcpy(static_cast<void*>(entries + i), &entry, sizeof(Entry));
     }
   }
-  const UnitFunction<T, Acc> attend_unit = Variant == KernelVariant::kReference
-                                               ? &reference::attend_unit<T, Acc>
-                                               : unit_function<T, Acc, QuantizedBlocks>(selected_isa());
+  // (Only the reference variant instantiates the twin.)
+  UnitFunction<T, Acc> attend_unit = nullptr;
+  if constexpr (Variant == KernelVariant::kReference)
+    attend_unit = &reference::attend_unit<T, Acc>;
+  else
+    attend_unit = unit_function<T, Acc, QuantizedBlocks>(selected_isa());
 
   struct Item {
     Index batch_idx, kv_head_idx, q_begin, q_end, num_rows;

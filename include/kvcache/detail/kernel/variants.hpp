@@ -24,12 +24,22 @@
 #include <limits>
 #include <type_traits>
 
-#if defined(KVCACHE_X86)
+#if defined(KVCACHE_X86) && (!defined(KVCACHE_COMPILED_KERNELS) || defined(KVCACHE_DEFINE_KERNELS))
 #include <immintrin.h>
 #endif
 
 namespace kvcache {
 namespace detail {
+
+#if defined(KVCACHE_COMPILED_KERNELS) && !defined(KVCACHE_DEFINE_KERNELS)
+
+// The variants are compiled once, elsewhere (docs/kernel.md, "Compiled kernels"): one
+// translation unit of the program defines KVCACHE_DEFINE_KERNELS (the CMake target
+// kvcache::compiled has it). This one only calls them.
+template <class T, class Acc, bool QuantizedBlocks>
+UnitFunction<T, Acc> unit_function(Isa isa);
+
+#else
 
 namespace isa_scalar {
 using FloatVec = PortableVec<float, 4>;
@@ -102,6 +112,21 @@ UnitFunction<T, Acc> unit_function(Isa isa) {
   (void)isa;
   return &isa_scalar::attend_unit<T, Acc, QuantizedBlocks>;
 }
+
+#if defined(KVCACHE_DEFINE_KERNELS)
+// The definitions the other translation units of a KVCACHE_COMPILED_KERNELS program call:
+// every element type, with and without quantized blocks.
+template UnitFunction<float, float> unit_function<float, float, false>(Isa);
+template UnitFunction<float, float> unit_function<float, float, true>(Isa);
+template UnitFunction<double, double> unit_function<double, double, false>(Isa);
+template UnitFunction<double, double> unit_function<double, double, true>(Isa);
+template UnitFunction<Eigen::half, float> unit_function<Eigen::half, float, false>(Isa);
+template UnitFunction<Eigen::half, float> unit_function<Eigen::half, float, true>(Isa);
+template UnitFunction<Eigen::bfloat16, float> unit_function<Eigen::bfloat16, float, false>(Isa);
+template UnitFunction<Eigen::bfloat16, float> unit_function<Eigen::bfloat16, float, true>(Isa);
+#endif
+
+#endif  // KVCACHE_COMPILED_KERNELS && !KVCACHE_DEFINE_KERNELS
 
 }  // namespace detail
 }  // namespace kvcache

@@ -1,0 +1,5 @@
+// kvcache: the kernel variants compiled once (the CMake target kvcache::compiled). Every other
+// translation unit of a program linking it is compiled with KVCACHE_COMPILED_KERNELS and only
+// calls them, which roughly halves its compile time (docs/kernel.md, "Compiled kernels").
+#define KVCACHE_DEFINE_KERNELS
+#include <kvcache/kvcache.hpp>
