@@ -6,7 +6,7 @@ if(NOT DEMO)
 endif()
 
 execute_process(
-  COMMAND "${DEMO}" --layers 2 --hidden 64 --heads 4 --kv-heads 2 --head-dim 16 --group-size 16
+  COMMAND "${DEMO}" --model random --layers 2 --hidden 64 --heads 4 --kv-heads 2 --head-dim 16 --group-size 16
                     --vocab 256 --prompt 24 --new-tokens 8 --window 8 --sinks 2 --window-chunk 4
                     --residual 0 --prefix 16 --continuations 2 --no-cache-tokens 0 --threads 2
   RESULT_VARIABLE result

@@ -11,20 +11,28 @@
 //     h = h + attend(q, cached k, v) Wo^T         causal grouped-query attention (kvcache)
 //     a = RMSNorm(h)
 //     h = h + (SiLU(a Wgate^T) * a Wup^T) Wdown^T SwiGLU MLP (* is elementwise)
-//   logits = RMSNorm(h) embedding^T               output head tied to the embedding
+//   logits = RMSNorm(h) embedding^T               output head (tied to the embedding, or its own)
 //
-// The weights are random (a fixed seed, no download), so the "text" is meaningless token ids,
-// but the arithmetic is the real thing: the same prompt runs through a StaticKVCache (the
-// reference), a DynamicKVCache, a SlidingWindowKVCache with attention sinks, Int8KVCache and
-// Int4KVCache, a shared system prompt frozen once and continued by several PrefixKVCache
-// sequences, the same requests served together from one PagedKVCache (prefix blocks found by
-// token id, one batched forward pass and one ragged attend per layer per step), and a baseline
-// without any cache that recomputes the whole sequence for every new token. The table says how fast each one is, how much memory it holds, and how far its
-// tokens and logits are from the static cache's. Static, dynamic and no-cache must agree token
-// for token: the demo exits with status 1 when they do not.
+// The weights are by default the model trained for this demo (examples/model: 4 layers, hidden
+// 256, a byte vocabulary, trained on the King James Bible by tools/train_model.py; read from
+// config.json and model.safetensors, the Hugging Face format, so --model DIR reads other Llama
+// checkpoints too, and --model random gives random weights of any size). The same prompt (the
+// start of the held-out text) runs through a StaticKVCache (the reference), a DynamicKVCache, a
+// SlidingWindowKVCache with attention sinks, Int8KVCache and Int4KVCache, a shared system
+// prompt frozen once and continued by several PrefixKVCache sequences, the same requests
+// served together from one PagedKVCache (prefix blocks found by token id, one batched forward
+// pass and one ragged attend per layer per step), and a baseline without any cache that
+// recomputes the whole sequence for every new token. The table says how fast each one is, how
+// much memory it holds, how far its tokens and logits are from the static cache's, and its
+// perplexity on a held-out passage of 2048 bytes, each predicted one at a time through the
+// cache. Static, dynamic and no-cache must agree token for token: the demo exits with status 1
+// when they do not. --check-reference compares the decoder's logits with those Hugging Face
+// transformers computed for the shipped weights (ctest example.llama_demo_transformers).
 //
 // Run with --help for the options (model dimensions, cache settings, --threads).
 #include <kvcache/kvcache.hpp>  // first: it defines EIGEN_USE_THREADS for Eigen's Tensor module
+
+#include "safetensors.hpp"
 
 #include <Eigen/Dense>
 
@@ -37,6 +45,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <random>
 #include <string>
@@ -62,7 +72,19 @@ using Clock = std::chrono::steady_clock;
 // Command line
 // ---------------------------------------------------------------------------------------------
 
+#ifndef KVCACHE_DEMO_MODEL
+#define KVCACHE_DEMO_MODEL "random"
+#endif
+
 struct Config {
+  // The weights: a directory with a Hugging Face Llama checkpoint (config.json and
+  // model.safetensors; the dimensions below then come from config.json), or "random" for
+  // random weights of the dimensions below. The build sets the default to the model trained
+  // for this demo (examples/model, tools/train_model.py).
+  std::string model = KVCACHE_DEMO_MODEL;
+  // A reference.json (tools/train_model.py) to check the decoder against instead of running
+  // the demo: the logits transformers computed for a prompt and its greedy continuation.
+  std::string check_reference;
   // The model.
   Index layers = 8;
   Index hidden = 512;
@@ -74,6 +96,10 @@ struct Config {
   Index ffn = 0;
   Index vocab = 4096;
   double rope_theta = 10000;
+  double rms_norm_eps = 1e-5;
+  bool tied = true;    // the output head is the embedding (else lm_head.weight)
+  bool bytes = false;  // a byte vocabulary: tokens are text (the trained model's)
+  Index max_positions = 0;  // RoPE table length; 0: prompt + new tokens
   Index seed = 2026;
   // The run.
   Index prompt = 256;
@@ -89,6 +115,7 @@ struct Config {
   Index residual = 32;      // int8/int4 unquantized tail
   Index prefix = 0;         // shared system prompt length; 0: 3/4 of the prompt
   Index continuations = 4;  // sequences continuing the shared prefix
+  Index perplexity_tokens = 2048;  // held-out tokens the perplexities are over (byte models)
   Index threads = 1;
 };
 
@@ -99,6 +126,7 @@ struct Option {
   Index* integer = nullptr;
   Index minimum = 1;
   double* real = nullptr;
+  std::string* text = nullptr;
 };
 
 Option integer(const char* name, const char* help, Index& value, Index minimum = 1) {
@@ -107,9 +135,15 @@ Option integer(const char* name, const char* help, Index& value, Index minimum =
 Option real(const char* name, const char* help, double& value) {
   return {name, help, nullptr, 0, &value};
 }
+Option text(const char* name, const char* help, std::string& value) {
+  return {name, help, nullptr, 0, nullptr, &value};
+}
 
 std::vector<Option> options_of(Config& c) {
   return {
+      text("model", "weights: a Llama checkpoint directory (config.json, model.safetensors) or 'random'",
+           c.model),
+      text("check-reference", "compare the logits with this reference.json and exit", c.check_reference),
       integer("layers", "decoder blocks", c.layers),
       integer("hidden", "model width (residual stream)", c.hidden),
       integer("heads", "query heads", c.heads),
@@ -133,6 +167,8 @@ std::vector<Option> options_of(Config& c) {
       integer("residual", "int8/int4 unquantized recent positions (0..64)", c.residual, 0),
       integer("prefix", "shared system-prompt tokens (0: 3/4 of the prompt)", c.prefix, 0),
       integer("continuations", "sequences sharing the prefix", c.continuations),
+      integer("ppl-tokens", "held-out tokens predicted for the perplexity column (0: none)",
+              c.perplexity_tokens, 0),
       integer("threads", "threads (attention and the dense math)", c.threads),
   };
 }
@@ -141,16 +177,20 @@ void print_help(const char* program) {
   Config defaults;
   std::printf(
       "Usage: %s [--option value | --option=value]...\n\n"
-      "A Llama-style decoder-only transformer with random weights generating greedily through\n"
-      "every kvcache cache kind, compared with a static cache and a no-cache baseline.\n\n"
+      "A Llama-style decoder-only transformer (by default the small model trained for this demo,\n"
+      "examples/model) generating greedily through every kvcache cache kind, compared with a\n"
+      "static cache and a no-cache baseline. With --model DIR (a Hugging Face Llama checkpoint:\n"
+      "config.json, model.safetensors) the model dimensions come from config.json.\n\n"
       "Options (default in brackets):\n",
       program);
   for (const Option& option : options_of(defaults)) {
-    char value[32];
+    char value[256];
     if (option.integer)
       std::snprintf(value, sizeof value, "%ld", long(*option.integer));
-    else
+    else if (option.real)
       std::snprintf(value, sizeof value, "%g", *option.real);
+    else
+      std::snprintf(value, sizeof value, "%s", option.text->c_str());
     std::printf("  --%-16s %s [%s]\n", option.name, option.help, value);
   }
   std::printf("  --%-16s %s\n", "help", "this text");
@@ -163,6 +203,53 @@ void print_help(const char* program) {
 
 void require(bool condition, const std::string& message) {
   if (!condition) usage_error(message);
+}
+
+// The whole file at `path`, or a demo::FileError.
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) demo::fail("cannot open ", path);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// The model's dimensions from its config.json (a Hugging Face LlamaConfig); they replace the
+// command line's. A byte vocabulary (256 tokens) makes the demo read and print text.
+void read_model_config(Config& c) {
+  const std::string path = c.model + "/config.json";
+  try {
+    const demo::Json config = demo::parse_json(read_file(path));
+    if (config.kind != demo::Json::Kind::object) demo::fail("config: not a JSON object");
+    constexpr long long kLarge = 1LL << 20;
+    c.layers = demo::json_integer(config, "num_hidden_layers", -1, 1024);
+    c.hidden = demo::json_integer(config, "hidden_size", -1, kLarge);
+    c.heads = demo::json_integer(config, "num_attention_heads", -1, 4096);
+    c.kv_heads = demo::json_integer(config, "num_key_value_heads", c.heads, 4096);
+    require(c.layers > 0 && c.hidden > 0 && c.heads > 0 && c.kv_heads > 0,
+            path + ": layers, hidden size and heads must be positive");
+    c.head_dim = demo::json_integer(config, "head_dim", c.hidden / c.heads, 4096);
+    c.ffn = demo::json_integer(config, "intermediate_size", -1, kLarge);
+    c.vocab = demo::json_integer(config, "vocab_size", -1, kLarge);
+    c.max_positions = demo::json_integer(config, "max_position_embeddings", 4096, kLarge);
+    if (const demo::Json* theta = config.find("rope_theta"); theta != nullptr) {
+      require(theta->kind == demo::Json::Kind::number && theta->number > 1, path + ": rope_theta must be > 1");
+      c.rope_theta = theta->number;
+    }
+    if (const demo::Json* eps = config.find("rms_norm_eps"); eps != nullptr) {
+      require(eps->kind == demo::Json::Kind::number && eps->number > 0 && eps->number < 1,
+              path + ": rms_norm_eps must be in (0, 1)");
+      c.rms_norm_eps = eps->number;
+    }
+    if (const demo::Json* tied = config.find("tie_word_embeddings"); tied != nullptr)
+      c.tied = tied->kind == demo::Json::Kind::boolean && tied->boolean;
+    if (const demo::Json* scaling = config.find("rope_scaling");
+        scaling != nullptr && scaling->kind != demo::Json::Kind::null)
+      usage_error(path + ": rope_scaling is not supported by this demo");
+    c.bytes = c.vocab == 256;
+    // The quantization group must divide head_dim: the largest even one up to --group-size.
+    while (c.group_size > 2 && (c.head_dim % c.group_size != 0 || c.group_size % 2 != 0)) --c.group_size;
+  } catch (const demo::FileError& e) {
+    usage_error(path + ": " + e.what());
+  }
 }
 
 Config parse_command_line(int argc, char** argv) {
@@ -186,6 +273,10 @@ Config parse_command_line(int argc, char** argv) {
     const auto option = std::find_if(options.begin(), options.end(),
                                      [&](const Option& o) { return name == o.name; });
     require(option != options.end(), "unknown option --" + name);
+    if (option->text) {
+      *option->text = value;
+      continue;
+    }
     char* end = nullptr;
     if (option->integer)
       *option->integer = std::strtol(value.c_str(), &end, 10);
@@ -195,6 +286,7 @@ Config parse_command_line(int argc, char** argv) {
   }
 
   Config& c = config;
+  if (c.model != "random") read_model_config(c);
   if (c.ffn == 0) c.ffn = 2 * c.hidden;
   if (c.prefix == 0) c.prefix = c.prompt * 3 / 4;
   if (c.no_cache_tokens == 0 || c.no_cache_tokens > c.new_tokens) c.no_cache_tokens = c.new_tokens;
@@ -313,7 +405,8 @@ struct Block {
 
 struct Model {
   Config config;
-  Matrix embedding;  // [vocab, hidden]: token embeddings, and the output head (tied)
+  Matrix embedding;  // [vocab, hidden]: token embeddings, and the output head when tied
+  Matrix lm_head;    // [vocab, hidden]: the output head when not tied (else empty)
   std::vector<Block> blocks;
   Vector final_norm;  // [hidden]
   // RoPE's rotation angles, position * theta^(-2i / head_dim), as cos and sin:
@@ -321,7 +414,7 @@ struct Model {
   Matrix rope_cos, rope_sin;
 
   Index parameters() const {
-    Index n = embedding.size() + final_norm.size();
+    Index n = embedding.size() + lm_head.size() + final_norm.size();
     for (const Block& b : blocks)
       n += b.attention_norm.size() + b.wq.size() + b.wk.size() + b.wv.size() + b.wo.size() +
            b.mlp_norm.size() + b.w_gate.size() + b.w_up.size() + b.w_down.size();
@@ -354,28 +447,72 @@ Model make_model(const Config& c) {
     model.blocks.push_back(std::move(b));
   }
   model.final_norm = Vector::Ones(c.hidden);
+  return model;
+}
 
-  const Index positions = c.prompt + c.new_tokens, half = c.head_dim / 2;
+// A Hugging Face LlamaForCausalLM checkpoint: model.safetensors (F32, F16 or BF16 tensors, by
+// their Hugging Face names) in the directory c.model, whose config.json gave c's dimensions.
+Model load_model(const Config& c) {
+  const demo::SafeTensors file = demo::SafeTensors::read(c.model + "/model.safetensors");
+  auto matrix = [&](const std::string& name, Index rows, Index cols) {
+    const std::vector<float> values = file.floats(name, {rows, cols});
+    return Matrix(Eigen::Map<const Matrix>(values.data(), rows, cols));
+  };
+  auto vector = [&](const std::string& name, Index n) {
+    const std::vector<float> values = file.floats(name, {n});
+    return Vector(Eigen::Map<const Vector>(values.data(), n));
+  };
+  Model model;
+  model.config = c;
+  model.embedding = matrix("model.embed_tokens.weight", c.vocab, c.hidden);
+  if (!c.tied) model.lm_head = matrix("lm_head.weight", c.vocab, c.hidden);
+  for (Index l = 0; l < c.layers; ++l) {
+    const std::string at = "model.layers." + std::to_string(l) + ".";
+    Block b;
+    b.attention_norm = vector(at + "input_layernorm.weight", c.hidden);
+    b.wq = matrix(at + "self_attn.q_proj.weight", c.heads * c.head_dim, c.hidden);
+    b.wk = matrix(at + "self_attn.k_proj.weight", c.kv_heads * c.head_dim, c.hidden);
+    b.wv = matrix(at + "self_attn.v_proj.weight", c.kv_heads * c.head_dim, c.hidden);
+    b.wo = matrix(at + "self_attn.o_proj.weight", c.hidden, c.heads * c.head_dim);
+    b.mlp_norm = vector(at + "post_attention_layernorm.weight", c.hidden);
+    b.w_gate = matrix(at + "mlp.gate_proj.weight", c.ffn, c.hidden);
+    b.w_up = matrix(at + "mlp.up_proj.weight", c.ffn, c.hidden);
+    b.w_down = matrix(at + "mlp.down_proj.weight", c.hidden, c.ffn);
+    model.blocks.push_back(std::move(b));
+  }
+  model.final_norm = vector("model.norm.weight", c.hidden);
+  return model;
+}
+
+// The model of the command line: loaded, or random; with its RoPE tables.
+Model make_or_load_model(const Config& c) {
+  Model model = c.model == "random" ? make_model(c) : load_model(c);
+  const Index positions = std::max(c.prompt + c.new_tokens, c.max_positions), half = c.head_dim / 2;
   model.rope_cos.resize(positions, half);
   model.rope_sin.resize(positions, half);
-  for (Index p = 0; p < positions; ++p)
-    for (Index i = 0; i < half; ++i) {
-      const double angle =
-          double(p) * std::pow(c.rope_theta, -2.0 * double(i) / double(c.head_dim));
-      model.rope_cos(p, i) = static_cast<float>(std::cos(angle));
-      model.rope_sin(p, i) = static_cast<float>(std::sin(angle));
+  // As Hugging Face's LlamaRotaryEmbedding computes them: the frequency and the angle rounded
+  // to float (position * frequency, one float multiplication), its cosine and sine rounded
+  // once. (The angle's float rounding, up to 4e-6 rad at position 70, moves logits by more
+  // than the rest of the arithmetic does; the reference check compares with transformers.)
+  for (Index i = 0; i < half; ++i) {
+    const auto frequency =
+        static_cast<float>(1.0 / std::pow(c.rope_theta, double(2 * i) / double(c.head_dim)));
+    for (Index p = 0; p < positions; ++p) {
+      const float angle = static_cast<float>(p) * frequency;
+      model.rope_cos(p, i) = static_cast<float>(std::cos(double(angle)));
+      model.rope_sin(p, i) = static_cast<float>(std::sin(double(angle)));
     }
+  }
   return model;
 }
 
 // RMSNorm (Zhang & Sennrich 2019): each row divided by its root mean square, then multiplied
 // by a learned gain. Unlike LayerNorm, no mean is subtracted and there is no bias.
-Matrix rms_norm(const Matrix& x, const Vector& gain) {
-  constexpr float kEpsilon = 1e-5f;
+Matrix rms_norm(const Matrix& x, const Vector& gain, double epsilon) {
   Matrix y(x.rows(), x.cols());
   for (Index r = 0; r < x.rows(); ++r) {
     const float mean_square = x.row(r).squaredNorm() / float(x.cols());
-    y.row(r) = (x.row(r) / std::sqrt(mean_square + kEpsilon)).cwiseProduct(gain.transpose());
+    y.row(r) = (x.row(r) / std::sqrt(mean_square + float(epsilon))).cwiseProduct(gain.transpose());
   }
   return y;
 }
@@ -429,7 +566,7 @@ Matrix forward_rows(const Model& model, const Compute& compute, const int* token
   for (Index layer = 0; layer < c.layers; ++layer) {
     const Block& b = model.blocks[static_cast<std::size_t>(layer)];
     // Attention sublayer.
-    a = rms_norm(h, b.attention_norm);
+    a = rms_norm(h, b.attention_norm, c.rms_norm_eps);
     compute.linear(a, b.wq, q);
     compute.linear(a, b.wk, k);
     compute.linear(a, b.wv, v);
@@ -439,18 +576,19 @@ Matrix forward_rows(const Model& model, const Compute& compute, const int* token
     compute.linear(attended, b.wo, projected);
     h += projected;
     // MLP sublayer: SwiGLU (Shazeer 2020), down(silu(gate(a)) * up(a)).
-    a = rms_norm(h, b.mlp_norm);
+    a = rms_norm(h, b.mlp_norm, c.rms_norm_eps);
     compute.linear(a, b.w_gate, gate);
     compute.linear(a, b.w_up, up);
     gate = gate.unaryExpr(&silu).cwiseProduct(up);
     compute.linear(gate, b.w_down, projected);
     h += projected;
   }
-  // Output head, tied to the embedding: logits = RMSNorm(h_r) embedding^T for the rows asked.
+  // Output head (tied: the embedding): logits = RMSNorm(h_r) head^T for the rows asked.
   Matrix selected(static_cast<Index>(outputs.size()), c.hidden);
   for (std::size_t i = 0; i < outputs.size(); ++i) selected.row(static_cast<Index>(i)) = h.row(outputs[i]);
   Matrix logits;
-  compute.linear(rms_norm(selected, model.final_norm), model.embedding, logits);
+  compute.linear(rms_norm(selected, model.final_norm, c.rms_norm_eps),
+                 c.tied ? model.embedding : model.lm_head, logits);
   return logits;
 }
 
@@ -504,6 +642,7 @@ struct Run {
   double prefill_seconds = 0, decode_seconds = 0;
   std::size_t memory_bytes = 0;
   std::string note;
+  double perplexity = 0;  // on the held-out passage, teacher-forced; 0: not measured
 };
 
 double seconds_since(Clock::time_point start) {
@@ -561,6 +700,39 @@ void generate_cached(const Model& model, const Compute& compute, ModelKVCache<Ca
   progress.clear();
 }
 
+// Teacher forcing: the tokens of `passage` from index `from` on are fed one at a time through
+// the caches (which already hold passage[0, from) at positions 0, 1, ...), as in decoding,
+// and each step's logits are scored against the next true token. Returns the sum of the
+// negative log-likelihoods (natural log), computed in double.
+template <class Cache>
+double teacher_forced(const Model& model, const Compute& compute, ModelKVCache<Cache>& caches,
+                      const Tokens& passage, Index from, const kvcache::AttendOptions& options,
+                      const Progress& progress, const std::string& label) {
+  auto attention = cached_attention(caches, model, options);
+  const Index n = static_cast<Index>(passage.size());
+  double nll = 0;
+  for (Index t = from; t + 1 < n; ++t) {
+    const RowVector logits = forward(model, compute, &passage[std::size_t(t)], 1, t, attention);
+    const double top = logits.maxCoeff();
+    const double log_sum = top + std::log((logits.cast<double>().array() - top).exp().sum());
+    nll += log_sum - double(logits(passage[std::size_t(t + 1)]));
+    if ((t - from) % 64 == 0) progress.show(label + " ppl", t - from, n - 1 - from);
+  }
+  progress.clear();
+  return nll;
+}
+
+// Perplexity of one cache kind (a fresh ModelKVCache<Cache>(layers, args...)) on the passage,
+// every token after the first predicted one at a time: exp(mean negative log-likelihood).
+template <class Cache, class... Args>
+double perplexity_of(const Model& model, const Compute& compute, const Tokens& passage,
+                     const kvcache::AttendOptions& options, const Progress& progress,
+                     const std::string& label, const Args&... args) {
+  ModelKVCache<Cache> caches(model.config.layers, args...);
+  const double nll = teacher_forced(model, compute, caches, passage, 0, options, progress, label);
+  return std::exp(nll / double(passage.size() - 1));
+}
+
 // One cache kind, all layers alike: a fresh ModelKVCache<Cache>(layers, args...).
 template <class Cache, class... Args>
 Run run_cache(const char* name, const Model& model, const Compute& compute, const Tokens& prompt,
@@ -602,6 +774,33 @@ Run run_without_cache(const Model& model, const Compute& compute, const Tokens& 
   run.decode_tokens = c.no_cache_tokens - 1;
   progress.clear();
   return run;
+}
+
+// Perplexity through a shared prefix: passage[0, prefix] prefilled at once into static caches
+// and frozen (the first `prefix` predictions scored from that prefill's logits), the rest
+// teacher-forced through PrefixKVCache sequences over the frozen layers.
+double prefix_perplexity(const Model& model, const Compute& compute, const Tokens& passage,
+                         Index prefix, const kvcache::AttendOptions& options, const Progress& progress) {
+  const Config& c = model.config;
+  ModelKVCache<kvcache::StaticKVCache<float, Layout>> system(c.layers, Index(1), prefix, c.kv_heads,
+                                                             c.head_dim);
+  std::vector<Index> positions(static_cast<std::size_t>(prefix));
+  for (Index i = 0; i < prefix; ++i) positions[std::size_t(i)] = i;
+  const Matrix logits = forward_rows(model, compute, passage.data(), positions.data(), prefix,
+                                     positions, cached_attention(system, model, options));
+  double nll = 0;
+  for (Index t = 0; t < prefix; ++t) {
+    const double top = logits.row(t).maxCoeff();
+    nll += top + std::log((logits.row(t).cast<double>().array() - top).exp().sum()) -
+           double(logits(t, passage[std::size_t(t + 1)]));
+  }
+  const auto frozen = system.freeze();
+  using Sequence = kvcache::PrefixKVCache<float, Layout>;
+  ModelKVCache<Sequence> caches(c.layers, [&](Index layer) {
+    return Sequence(frozen[static_cast<std::size_t>(layer)], Index(passage.size()) - prefix);
+  });
+  nll += teacher_forced(model, compute, caches, passage, prefix, options, progress, "prefix");
+  return std::exp(nll / double(passage.size() - 1));
 }
 
 // The shared-prefix scenario: a system prompt (the first `prefix` prompt tokens) is prefilled
@@ -804,19 +1003,40 @@ Comparison compare(const Run& run, const Run& reference) {
 
 double mib(std::size_t bytes) { return double(bytes) / (1024.0 * 1024.0); }
 
+// Tokens [begin, end) of a byte vocabulary as printable text (a line break as " / ").
+std::string text_of(const Tokens& tokens, std::size_t begin, std::size_t end) {
+  std::string text;
+  for (std::size_t i = begin; i < std::min(end, tokens.size()); ++i) {
+    const int t = tokens[i];
+    if (t == '\n')
+      text += " / ";
+    else
+      text += t >= 32 && t < 127 ? static_cast<char>(t) : '?';
+  }
+  return text;
+}
+
 void print_header(const Config& c, const Model& model, const Tokens& prompt) {
-  std::printf("kvcache %d.%d.%d Llama demo (random weights, seed %ld)\n\n", kvcache::version.major,
-              kvcache::version.minor, kvcache::version.patch, long(c.seed));
+  if (c.model == "random")
+    std::printf("kvcache %d.%d.%d Llama demo (random weights, seed %ld)\n\n", kvcache::version.major,
+                kvcache::version.minor, kvcache::version.patch, long(c.seed));
+  else
+    std::printf("kvcache %d.%d.%d Llama demo (weights: %s)\n\n", kvcache::version.major,
+                kvcache::version.minor, kvcache::version.patch, c.model.c_str());
   std::printf(
       "model: %ld layers, hidden %ld, %ld query heads / %ld KV heads of %ld, SwiGLU %ld, "
       "vocab %ld, RoPE theta %g\n",
       long(c.layers), long(c.hidden), long(c.heads), long(c.kv_heads), long(c.head_dim),
       long(c.ffn), long(c.vocab), c.rope_theta);
-  std::printf("       %.1fM parameters (%.1f MiB fp32), output head tied to the embedding\n",
-              double(model.parameters()) / 1e6,
-              mib(std::size_t(model.parameters()) * sizeof(float)));
+  std::printf("       %.1fM parameters (%.1f MiB fp32), output head %s\n",
+              double(model.parameters()) / 1e6, mib(std::size_t(model.parameters()) * sizeof(float)),
+              c.tied ? "tied to the embedding" : "of its own");
   std::printf("run:   %ld-token prompt, %ld new tokens by greedy decoding, %ld thread%s\n",
               long(c.prompt), long(c.new_tokens), long(c.threads), c.threads > 1 ? "s" : "");
+  if (c.bytes) {
+    std::printf("       prompt: \"%s\"\n\n", text_of(prompt, 0, prompt.size()).c_str());
+    return;
+  }
   std::printf("       prompt starts");
   for (Index i = 0; i < std::min<Index>(8, c.prompt); ++i)
     std::printf(" %d", prompt[std::size_t(i)]);
@@ -824,8 +1044,8 @@ void print_header(const Config& c, const Model& model, const Tokens& prompt) {
 }
 
 void print_table(const std::vector<Run>& runs, const Run& reference) {
-  std::printf("%-22s %13s %12s %11s %13s %11s %14s\n", "cache", "prefill tok/s", "decode tok/s",
-              "memory MiB", "same tokens", "first diff", "max |dlogit|");
+  std::printf("%-22s %13s %12s %11s %13s %11s %14s %10s\n", "cache", "prefill tok/s", "decode tok/s",
+              "memory MiB", "same tokens", "first diff", "max |dlogit|", "perplexity");
   for (const Run& run : runs) {
     const Comparison cmp = compare(run, reference);
     char same[48], first[24], decode[32];
@@ -838,9 +1058,14 @@ void print_table(const std::vector<Run>& runs, const Run& reference) {
       std::snprintf(decode, sizeof decode, "%.1f", double(run.decode_tokens) / run.decode_seconds);
     else
       std::snprintf(decode, sizeof decode, "-");
-    std::printf("%-22s %13.1f %12s %11.2f %13s %11s %14.3g\n", run.name.c_str(),
+    char perplexity[24];
+    if (run.perplexity > 0)
+      std::snprintf(perplexity, sizeof perplexity, "%.4f", run.perplexity);
+    else
+      std::snprintf(perplexity, sizeof perplexity, "-");
+    std::printf("%-22s %13.1f %12s %11.2f %13s %11s %14.3g %10s\n", run.name.c_str(),
                 double(run.prefill_tokens) / run.prefill_seconds, decode, mib(run.memory_bytes),
-                same, first, double(cmp.max_logit_difference));
+                same, first, double(cmp.max_logit_difference), perplexity);
   }
 }
 
@@ -851,18 +1076,115 @@ std::string first_tokens(const Tokens& tokens, std::size_t count) {
   return text + (tokens.size() > count ? " ..." : "");
 }
 
+// The decoder against the logits Hugging Face transformers computed for the same weights
+// (tools/train_model.py writes them): a prompt and its greedy continuation, once as one
+// prefill over every position and once as the prompt's prefill then one token at a time
+// through a static cache. Returns the exit status: 0 when every logit is within 1e-4 and the
+// greedy continuation is the same.
+int check_reference(const Model& model, const Compute& compute, const std::string& path) {
+  const Config& c = model.config;
+  constexpr double kTolerance = 1e-4;
+  Tokens tokens;
+  Index prompt_length = 0;
+  Matrix want;
+  try {
+    const demo::Json reference = demo::parse_json(read_file(path));
+    const demo::Json* listed = reference.find("tokens");
+    const demo::Json* logits = reference.find("logits");
+    if (listed == nullptr || listed->kind != demo::Json::Kind::array || logits == nullptr ||
+        logits->kind != demo::Json::Kind::array || logits->array.size() != listed->array.size())
+      demo::fail("expected \"tokens\" and as many rows of \"logits\"");
+    prompt_length = demo::json_integer(reference, "prompt_length", -1, Index(listed->array.size()));
+    for (const demo::Json& token : listed->array) {
+      if (token.kind != demo::Json::Kind::number || !(token.number >= 0) || token.number >= double(c.vocab))
+        demo::fail("a token outside [0, vocab)");
+      tokens.push_back(static_cast<int>(token.number));
+    }
+    want.resize(Index(tokens.size()), c.vocab);
+    for (Index r = 0; r < want.rows(); ++r) {
+      const demo::Json& row = logits->array[std::size_t(r)];
+      if (row.kind != demo::Json::Kind::array || Index(row.array.size()) != c.vocab)
+        demo::fail("logits row ", r, ": expected ", c.vocab, " numbers");
+      for (Index v = 0; v < c.vocab; ++v) want(r, v) = float(row.array[std::size_t(v)].number);
+    }
+  } catch (const demo::FileError& e) {
+    std::fprintf(stderr, "llama_demo: %s: %s\n", path.c_str(), e.what());
+    return 2;
+  }
+  const Index n = static_cast<Index>(tokens.size());
+  require(prompt_length >= 1 && n <= std::max(c.prompt + c.new_tokens, c.max_positions),
+          path + ": the reference does not fit the model's positions");
+  kvcache::AttendOptions options;
+  options.device = compute.device();
+  using Static = kvcache::StaticKVCache<float, Layout>;
+  std::vector<Index> positions(static_cast<std::size_t>(n)), rows = positions;
+  for (Index i = 0; i < n; ++i) positions[std::size_t(i)] = rows[std::size_t(i)] = i;
+
+  // One prefill over every position.
+  ModelKVCache<Static> whole(c.layers, Index(1), n, c.kv_heads, c.head_dim);
+  const Matrix all = forward_rows(model, compute, tokens.data(), positions.data(), n, rows,
+                                  cached_attention(whole, model, options));
+  // The prompt, then one token at a time.
+  ModelKVCache<Static> stepwise(c.layers, Index(1), n, c.kv_heads, c.head_dim);
+  auto attention = cached_attention(stepwise, model, options);
+  Matrix steps(n, c.vocab);
+  const std::vector<Index> prompt_rows(rows.begin(), rows.begin() + prompt_length);
+  steps.topRows(prompt_length) =
+      forward_rows(model, compute, tokens.data(), positions.data(), prompt_length, prompt_rows, attention);
+  for (Index t = prompt_length; t < n; ++t)
+    steps.row(t) = forward(model, compute, &tokens[std::size_t(t)], 1, t, attention);
+
+  const double whole_difference = (all - want).cwiseAbs().maxCoeff();
+  const double step_difference = (steps - want).cwiseAbs().maxCoeff();
+  Index greedy_same = 0;
+  for (Index t = prompt_length - 1; t + 1 < n; ++t)
+    greedy_same += argmax(steps.row(t)) == tokens[std::size_t(t + 1)] ? 1 : 0;
+  const Index greedy_total = n - prompt_length;
+  std::printf("reference %s: %ld positions (%ld prompt, %ld greedy), logits up to %.1f in magnitude\n",
+              path.c_str(), long(n), long(prompt_length), long(greedy_total),
+              double(want.cwiseAbs().maxCoeff()));
+  std::printf("max |logit - transformers|: one prefill %.3g, prompt then token by token %.3g (tolerance %.0e)\n",
+              whole_difference, step_difference, kTolerance);
+  std::printf("greedy continuation: %ld/%ld tokens equal to transformers'\n", long(greedy_same),
+              long(greedy_total));
+  const bool ok = whole_difference <= kTolerance && step_difference <= kTolerance &&
+                  greedy_same == greedy_total;
+  std::printf("check: decoder == transformers: %s\n", ok ? "yes" : "NO");
+  return ok ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const Config c = parse_command_line(argc, argv);
   Eigen::initParallel();  // Eigen products are called from several threads when --threads > 1
-  const Model model = make_model(c);
+  Model model;
+  try {
+    model = make_or_load_model(c);
+  } catch (const demo::FileError& e) {
+    usage_error(c.model + ": " + e.what());
+  }
   const Compute compute(c.threads);
   const Progress progress;
+  if (!c.check_reference.empty()) return check_reference(model, compute, c.check_reference);
 
-  Random prompt_random(static_cast<std::uint32_t>(c.seed) ^ 0x5eedu);
+  // The prompt: with a byte vocabulary, the start of the model's held-out text; else random.
   Tokens prompt(static_cast<std::size_t>(c.prompt));
-  for (int& token : prompt) token = prompt_random.below(c.vocab);
+  const bool text_model = c.bytes && c.model != "random";
+  std::string heldout;  // the trained model's held-out text (never trained on)
+  if (text_model) {
+    try {
+      heldout = read_file(c.model + "/heldout.txt");
+    } catch (const demo::FileError& e) {
+      usage_error(e.what());
+    }
+    require(Index(heldout.size()) > std::max(c.prompt, c.perplexity_tokens),
+            c.model + "/heldout.txt is shorter than --prompt or --ppl-tokens");
+    for (std::size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<unsigned char>(heldout[i]);
+  } else {
+    Random prompt_random(static_cast<std::uint32_t>(c.seed) ^ 0x5eedu);
+    for (int& token : prompt) token = prompt_random.below(c.vocab);
+  }
   print_header(c, model, prompt);
 
   kvcache::AttendOptions options;  // causal, scale 1/sqrt(head_dim)
@@ -912,6 +1234,24 @@ int main(int argc, char** argv) {
   runs.push_back(paged.total);
   runs.push_back(run_without_cache(model, compute, prompt, options, progress));
 
+  // Perplexity on the held-out passage, every token predicted one at a time through the cache.
+  if (text_model && c.perplexity_tokens > 0) {
+    const Tokens passage(heldout.begin(), heldout.begin() + c.perplexity_tokens + 1);
+    const Index length = static_cast<Index>(passage.size());
+    runs[0].perplexity = perplexity_of<kvcache::StaticKVCache<float, Layout>>(
+        model, compute, passage, options, progress, "static", Index(1), length, c.kv_heads, c.head_dim);
+    runs[1].perplexity = perplexity_of<kvcache::DynamicKVCache<float, Layout>>(
+        model, compute, passage, options, progress, "dynamic", Index(1), c.kv_heads, c.head_dim);
+    runs[2].perplexity = perplexity_of<kvcache::SlidingWindowKVCache<float, Layout>>(
+        model, compute, passage, options, progress, "window", Index(1), c.window, c.kv_heads,
+        c.head_dim, c.sinks);
+    runs[3].perplexity = perplexity_of<kvcache::Int8KVCache<float, Layout>>(
+        model, compute, passage, options, progress, "int8", Index(1), length, c.kv_heads, c.head_dim, quant);
+    runs[4].perplexity = perplexity_of<kvcache::Int4KVCache<float, Layout>>(
+        model, compute, passage, options, progress, "int4", Index(1), length, c.kv_heads, c.head_dim, quant);
+    runs[5].perplexity = prefix_perplexity(model, compute, passage, c.prefix, options, progress);
+  }
+
   const Run& reference = runs.front();
   print_table(runs, reference);
   std::printf(
@@ -924,6 +1264,12 @@ int main(int argc, char** argv) {
       "tokens.\n",
       long(c.sinks), long(c.window), long(c.prompt), long(c.continuations),
       long(c.no_cache_tokens));
+  if (runs.front().perplexity > 0)
+    std::printf(
+        "perplexity: exp of the mean negative log-likelihood of %ld held-out bytes, each predicted\n"
+        "one at a time through the cache from all the bytes before it (the prefix row: the first %ld\n"
+        "prefilled at once, then frozen and continued).\n",
+        long(c.perplexity_tokens), long(c.prefix));
 
   std::printf(
       "\nshared prefix: %ld tokens frozen once (%.2f MiB for %ld layers), %ld sequences "
@@ -953,6 +1299,13 @@ int main(int argc, char** argv) {
                 double(cmp.max_logit_difference));
   }
 
+  if (c.bytes) {
+    std::printf("\ngenerated text (greedy, after the prompt):\n");
+    for (const Run& run : runs)
+      if (run.name == "static" || run.name == "int4" || run.name.rfind("window", 0) == 0)
+        std::printf("  %-20s \"%s\"\n", run.name.c_str(),
+                    text_of(run.tokens, 0, run.tokens.size()).c_str());
+  }
   std::printf("\nstatic tokens: %s\n", first_tokens(reference.tokens, 16).c_str());
   const Run& dynamic = runs[1];
   const Run& no_cache = runs.back();

@@ -22,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 seconds=${FUZZ_SECONDS:-60}
-read -r -a targets <<<"${FUZZ_TARGETS:-fuzz_load fuzz_operations}"
+read -r -a targets <<<"${FUZZ_TARGETS:-fuzz_load fuzz_operations fuzz_model_files}"
 jobs=${FUZZ_BUILD_JOBS:-2}
 cxx=${FUZZ_CXX:-clang++-14}
 build=build/fuzz
