@@ -239,11 +239,22 @@ void read_model_config(Config& c) {
               path + ": rms_norm_eps must be in (0, 1)");
       c.rms_norm_eps = eps->number;
     }
-    if (const demo::Json* tied = config.find("tie_word_embeddings"); tied != nullptr)
-      c.tied = tied->kind == demo::Json::Kind::boolean && tied->boolean;
+    // As LlamaConfig: an untied output head unless tie_word_embeddings says otherwise.
+    c.tied = false;
+    if (const demo::Json* tied = config.find("tie_word_embeddings"); tied != nullptr) {
+      require(tied->kind == demo::Json::Kind::boolean, path + ": tie_word_embeddings must be true or false");
+      c.tied = tied->boolean;
+    }
+    // What this decoder does not compute is refused, never ignored.
     if (const demo::Json* scaling = config.find("rope_scaling");
         scaling != nullptr && scaling->kind != demo::Json::Kind::null)
       usage_error(path + ": rope_scaling is not supported by this demo");
+    for (const char* bias : {"attention_bias", "mlp_bias"})
+      if (const demo::Json* b = config.find(bias); b != nullptr && !(b->kind == demo::Json::Kind::boolean && !b->boolean))
+        usage_error(path + ": " + bias + " must be false (this demo has no biases)");
+    if (const demo::Json* act = config.find("hidden_act");
+        act != nullptr && !(act->kind == demo::Json::Kind::string && act->string == "silu"))
+      usage_error(path + ": hidden_act must be \"silu\" (SwiGLU)");
     c.bytes = c.vocab == 256;
     // The quantization group must divide head_dim: the largest even one up to --group-size.
     while (c.group_size > 2 && (c.head_dim % c.group_size != 0 || c.group_size % 2 != 0)) --c.group_size;
@@ -487,7 +498,8 @@ Model load_model(const Config& c) {
 // The model of the command line: loaded, or random; with its RoPE tables.
 Model make_or_load_model(const Config& c) {
   Model model = c.model == "random" ? make_model(c) : load_model(c);
-  const Index positions = std::max(c.prompt + c.new_tokens, c.max_positions), half = c.head_dim / 2;
+  const Index positions = std::max({c.prompt + c.new_tokens, c.max_positions, c.perplexity_tokens + 1}),
+              half = c.head_dim / 2;
   model.rope_cos.resize(positions, half);
   model.rope_sin.resize(positions, half);
   // As Hugging Face's LlamaRotaryEmbedding computes them: the frequency and the angle rounded
@@ -1096,8 +1108,9 @@ int check_reference(const Model& model, const Compute& compute, const std::strin
       demo::fail("expected \"tokens\" and as many rows of \"logits\"");
     prompt_length = demo::json_integer(reference, "prompt_length", -1, Index(listed->array.size()));
     for (const demo::Json& token : listed->array) {
-      if (token.kind != demo::Json::Kind::number || !(token.number >= 0) || token.number >= double(c.vocab))
-        demo::fail("a token outside [0, vocab)");
+      if (token.kind != demo::Json::Kind::number || !(token.number >= 0) ||
+          token.number >= double(c.vocab) || token.number != std::floor(token.number))
+        demo::fail("a token that is not an integer in [0, vocab)");
       tokens.push_back(static_cast<int>(token.number));
     }
     want.resize(Index(tokens.size()), c.vocab);
@@ -1105,7 +1118,12 @@ int check_reference(const Model& model, const Compute& compute, const std::strin
       const demo::Json& row = logits->array[std::size_t(r)];
       if (row.kind != demo::Json::Kind::array || Index(row.array.size()) != c.vocab)
         demo::fail("logits row ", r, ": expected ", c.vocab, " numbers");
-      for (Index v = 0; v < c.vocab; ++v) want(r, v) = float(row.array[std::size_t(v)].number);
+      for (Index v = 0; v < c.vocab; ++v) {
+        const demo::Json& x = row.array[std::size_t(v)];
+        if (x.kind != demo::Json::Kind::number || !(std::abs(x.number) <= 3.0e38))
+          demo::fail("logits row ", r, ": entry ", v, " is not a finite float");
+        want(r, v) = float(x.number);
+      }
     }
   } catch (const demo::FileError& e) {
     std::fprintf(stderr, "llama_demo: %s: %s\n", path.c_str(), e.what());
@@ -1180,6 +1198,8 @@ int main(int argc, char** argv) {
     }
     require(Index(heldout.size()) > std::max(c.prompt, c.perplexity_tokens),
             c.model + "/heldout.txt is shorter than --prompt or --ppl-tokens");
+    require(c.perplexity_tokens == 0 || c.prefix < c.perplexity_tokens,
+            "--prefix must be shorter than --ppl-tokens (the prefix row's perplexity)");
     for (std::size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<unsigned char>(heldout[i]);
   } else {
     Random prompt_random(static_cast<std::uint32_t>(c.seed) ^ 0x5eedu);
@@ -1236,7 +1256,8 @@ int main(int argc, char** argv) {
 
   // Perplexity on the held-out passage, every token predicted one at a time through the cache.
   if (text_model && c.perplexity_tokens > 0) {
-    const Tokens passage(heldout.begin(), heldout.begin() + c.perplexity_tokens + 1);
+    Tokens passage(static_cast<std::size_t>(c.perplexity_tokens + 1));
+    for (std::size_t i = 0; i < passage.size(); ++i) passage[i] = static_cast<unsigned char>(heldout[i]);
     const Index length = static_cast<Index>(passage.size());
     runs[0].perplexity = perplexity_of<kvcache::StaticKVCache<float, Layout>>(
         model, compute, passage, options, progress, "static", Index(1), length, c.kv_heads, c.head_dim);

@@ -162,7 +162,7 @@ class JsonParser {
     std::istringstream in(text_.substr(begin, at_ - begin));
     in.imbue(std::locale::classic());
     double x = 0;
-    in >> x;  // out of double's range: +-inf or 0, which the callers' range checks reject
+    in >> x;  // out of double's range: +-DBL_MAX or 0, which the callers' range checks reject
     return x;
   }
 
@@ -236,6 +236,7 @@ inline long long json_integer(const Json& object, const char* key, long long fal
     return fallback;
   }
   if (v->kind != Json::Kind::number || !(v->number >= 0) || v->number > double(max) ||
+      v->number >= 9223372036854775808.0 ||
       v->number != static_cast<double>(static_cast<long long>(v->number)))
     fail("config: \"", key, "\": expected an integer in [0, ", max, "], got ",
          v->kind == Json::Kind::number ? std::to_string(v->number) : std::string("a non-number"));
