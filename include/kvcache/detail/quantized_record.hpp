@@ -28,22 +28,17 @@ struct QuantizedHeader : CacheHeader {
 };
 
 /// A block's bfloat16 zero points and scales (key zeros then scales, value zeros then scales:
-/// 2 * head_dim numbers from each offset) between native byte order and little-endian; the
-/// codes are bytes and need no conversion. The identity on little-endian hosts.
+/// 2 * head_dim numbers from each offset) from native byte order to little-endian, or back: the
+/// same reordering either way (a swap of each number's two bytes on a big-endian host, the
+/// identity on a little-endian one). The codes are bytes and need no conversion.
 template <int Bits>
-void swap_scale_arrays_to_little_endian(std::uint8_t* block, const QuantBlockFormat<Bits>& format,
-                                        bool to_little_endian) {
+void reorder_scale_arrays_little_endian(std::uint8_t* block, const QuantBlockFormat<Bits>& format) {
   for (const Index offset : {format.key_zeros_offset(), format.value_zeros_offset()})
     for (Index j = 0; j < 2 * format.head_dim; ++j) {
       std::uint8_t* at = block + offset + 2 * j;
-      if (to_little_endian) {
-        std::uint16_t number;
-        std::memcpy(&number, at, sizeof number);
-        store_little_endian(at, number);
-      } else {
-        const auto number = load_little_endian<std::uint16_t>(at);
-        std::memcpy(at, &number, sizeof number);
-      }
+      std::uint16_t number;
+      std::memcpy(&number, at, sizeof number);
+      store_little_endian(at, number);
     }
 }
 
@@ -83,7 +78,7 @@ struct QuantizedRecord {
       for (Index head = 0; head < h.num_heads; ++head)
         for (Index i = 0; i < num_blocks; ++i) {
           std::copy_n(c.block_at(b, head, i), block.size(), block.data());
-          swap_scale_arrays_to_little_endian(block.data(), c.format_, true);
+          reorder_scale_arrays_little_endian(block.data(), c.format_);
           writer.write_bytes(block.data(), block.size(), "quantized blocks");
         }
     write_view_rows<Layout>(writer, c.attention_view(), "tail keys", "tail values");
@@ -139,7 +134,7 @@ struct QuantizedRecord {
         for (Index i = 0; i < num_blocks; ++i, next += block_bytes) {
           std::uint8_t* block = cache.block_at(b, head, i);
           std::copy_n(next, block_bytes, block);
-          swap_scale_arrays_to_little_endian(block, cache.format_, false);
+          reorder_scale_arrays_little_endian(block, cache.format_);
         }
     const Index tail_length = h.position - h.quantized_positions;
     for (const KVPart part : {KVPart::keys, KVPart::values})
