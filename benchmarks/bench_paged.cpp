@@ -3,9 +3,11 @@
 //
 // paged/ragged_decode/fill<chunk>/bs<block_size>/thr<threads>
 //   32 sequences of 4096 tokens in a PagedKVCache<float> (Hkv 8, head_dim 128), filled round
-//   robin `chunk` tokens at a time: fill256 is a chunked prefill (each sequence's blocks come
-//   in runs of 256 / block_size consecutive pool blocks), fill16 one block at a time (every
-//   pool block's neighbours belong to other sequences: a sequence grown by decoding). One
+//   robin `chunk` tokens at a time: fill4096 gives each sequence one run of consecutive pool
+//   blocks (the pool's own cost, without fragmentation); fill256 is a chunked prefill (each
+//   sequence's blocks come in runs of 256 / block_size consecutive pool blocks), fill16 one
+//   block at a time (every pool block's neighbours belong to other sequences: a sequence grown
+//   by decoding). One
 //   step is one ragged attend of 32 decode rows (q_len 1 each, Hq 32). Each iteration also runs
 //   one decode step over a DynamicKVCache<float> of 32 x 4096 = 131072 tokens (the same 1 GiB
 //   of K/V), alternating with the paged step so both see the same machine. Counters:
@@ -269,7 +271,7 @@ void serving(benchmark::State& state, Index block_size, int threads) {
 }
 
 void register_all() {
-  for (Index fill : {Index(256), Index(16)})
+  for (Index fill : {Index(4096), Index(256), Index(16)})
     for (Index bs : {Index(16), Index(32)})
       for (int t : {1, 2}) {
         if (fill < bs) continue;

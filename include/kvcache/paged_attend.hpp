@@ -115,7 +115,8 @@ void attend(const Q& q, const PagedKVCache<T, Layout>& cache, Index layer,
       return problem;
     };
     detail::run_attention_problems<detail::KernelVariant::kFast, false, T, Acc>(
-        static_cast<Index>(sequences.size()), problem_at, options.device, workspace);
+        static_cast<Index>(sequences.size()), detail::ProblemSource<T, Acc>(problem_at),
+        options.device, workspace);
   }
 }
 

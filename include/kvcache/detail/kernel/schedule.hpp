@@ -96,6 +96,26 @@ struct AttentionProblem {
   ScoreParams<Acc> score;
 };
 
+/// What builds problem i of a call: a reference to any callable taking an Index and returning
+/// an AttentionProblem<T, Acc> (it must outlive the call), with one type for every caller. So
+/// run_attention_problems is one function per element type, which a compiled-kernels build
+/// compiles once, in src/kernels.cpp (docs/kernel.md, "Compiled kernels").
+template <class T, class Acc>
+class ProblemSource {
+ public:
+  template <class BuildProblem>
+  explicit ProblemSource(const BuildProblem& build)
+      : build_(&build), call_([](const void* callable, Index i) {
+          return (*static_cast<const BuildProblem*>(callable))(i);
+        }) {}
+
+  AttentionProblem<T, Acc> operator()(Index i) const { return call_(build_, i); }
+
+ private:
+  const void* build_;
+  AttentionProblem<T, Acc> (*call_)(const void*, Index);
+};
+
 /// Where the problems of a call and their plans live at the front of the workspace, and where
 /// each problem's units and partial states start.
 template <class T, class Acc>
@@ -113,9 +133,8 @@ struct ProblemEntry {
 /// (grown if needed; nothing else is allocated on the serial path). Every unit is computed
 /// the same way whatever thread runs it and whatever other problems share the call, and splits
 /// merge in order, so a problem's result depends neither on the device nor on the batch.
-template <KernelVariant Variant = KernelVariant::kFast, bool QuantizedBlocks = true, class T,
-          class Acc, class ProblemAt>
-void run_attention_problems(Index num_problems, ProblemAt&& problem_at,
+template <KernelVariant Variant, bool QuantizedBlocks, class T, class Acc>
+void run_attention_problems(Index num_problems, ProblemSource<T, Acc> problem_at,
                             const Eigen::ThreadPoolDevice* device, AttendWorkspace& workspace) {
   using Entry = ProblemEntry<T, Acc>;
   // Pass 1: the plans, for the workspace's size.
@@ -300,9 +319,50 @@ template <KernelVariant Variant = KernelVariant::kFast, bool QuantizedBlocks = t
 void run_attention(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& mask,
                    const ScoreParams<Acc>& score, const Eigen::ThreadPoolDevice* device,
                    AttendWorkspace& workspace) {
+  const auto the_problem = [&](Index) { return AttentionProblem<T, Acc>{q, kv, mask, score}; };
   run_attention_problems<Variant, QuantizedBlocks, T, Acc>(
-      1, [&](Index) { return AttentionProblem<T, Acc>{q, kv, mask, score}; }, device, workspace);
+      1, ProblemSource<T, Acc>(the_problem), device, workspace);
 }
+
+#if defined(KVCACHE_COMPILED_KERNELS)
+// The schedule is compiled once with the kernel variants (src/kernels.cpp, through the branch
+// below); the other translation units only call it. The reference variant stays in the headers.
+extern template void run_attention_problems<KernelVariant::kFast, false, float, float>(
+    Index, ProblemSource<float, float>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
+extern template void run_attention_problems<KernelVariant::kFast, true, float, float>(
+    Index, ProblemSource<float, float>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
+extern template void run_attention_problems<KernelVariant::kFast, false, double, double>(
+    Index, ProblemSource<double, double>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
+extern template void run_attention_problems<KernelVariant::kFast, true, double, double>(
+    Index, ProblemSource<double, double>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
+extern template void run_attention_problems<KernelVariant::kFast, false, Eigen::half, float>(
+    Index, ProblemSource<Eigen::half, float>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
+extern template void run_attention_problems<KernelVariant::kFast, true, Eigen::half, float>(
+    Index, ProblemSource<Eigen::half, float>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
+extern template void run_attention_problems<KernelVariant::kFast, false, Eigen::bfloat16, float>(
+    Index, ProblemSource<Eigen::bfloat16, float>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
+extern template void run_attention_problems<KernelVariant::kFast, true, Eigen::bfloat16, float>(
+    Index, ProblemSource<Eigen::bfloat16, float>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
+#elif defined(KVCACHE_DEFINE_KERNELS)
+// The definitions the KVCACHE_COMPILED_KERNELS translation units call (variants.hpp has the
+// variants').
+template void run_attention_problems<KernelVariant::kFast, false, float, float>(
+    Index, ProblemSource<float, float>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
+template void run_attention_problems<KernelVariant::kFast, true, float, float>(
+    Index, ProblemSource<float, float>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
+template void run_attention_problems<KernelVariant::kFast, false, double, double>(
+    Index, ProblemSource<double, double>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
+template void run_attention_problems<KernelVariant::kFast, true, double, double>(
+    Index, ProblemSource<double, double>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
+template void run_attention_problems<KernelVariant::kFast, false, Eigen::half, float>(
+    Index, ProblemSource<Eigen::half, float>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
+template void run_attention_problems<KernelVariant::kFast, true, Eigen::half, float>(
+    Index, ProblemSource<Eigen::half, float>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
+template void run_attention_problems<KernelVariant::kFast, false, Eigen::bfloat16, float>(
+    Index, ProblemSource<Eigen::bfloat16, float>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
+template void run_attention_problems<KernelVariant::kFast, true, Eigen::bfloat16, float>(
+    Index, ProblemSource<Eigen::bfloat16, float>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
+#endif
 
 }  // namespace detail
 }  // namespace kvcache
