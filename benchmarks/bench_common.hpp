@@ -176,7 +176,8 @@ inline double timed_read(const float* data, std::size_t n, int threads, int reps
 /// buffer of exactly that size (so it sits in L2/L3 when the cache does, and streams from
 /// DRAM when the cache does). A timed pass re-reads a small buffer until it has read 64 MiB,
 /// so thread dispatch does not dominate, as a decode loop re-reads a small cache. Measured
-/// once per (bytes, threads) per process and cached.
+/// once per (bytes, threads) per process and cached. The buffer is a KVBuffer, like the
+/// caches' storage.
 inline double read_bandwidth(std::size_t bytes, int threads = 1) {
   static std::map<std::pair<std::size_t, int>, double> measured;
   const auto key = std::make_pair(bytes, threads);
@@ -184,7 +185,9 @@ inline double read_bandwidth(std::size_t bytes, int threads = 1) {
   if (found != measured.end()) return found->second;
 
   const std::size_t n = std::max<std::size_t>(bytes / sizeof(float), 64);
-  std::vector<float> buffer(n);
+  // Allocated as the caches allocate their K/V (kvcache/detail/kv_buffer.hpp: aligned, on
+  // huge pages where the system gives them), so the probe reads memory on the same terms.
+  kvcache::detail::KVBuffer<float> buffer(n);
   fill_random(buffer.data(), n, /*seed=*/12345);
   constexpr std::size_t kMinPassBytes = std::size_t(64) << 20;
   const int reps = static_cast<int>((kMinPassBytes + n * sizeof(float) - 1) / (n * sizeof(float)));

@@ -19,7 +19,7 @@ floor_of() {
     kvcache/config.hpp|kvcache/version.hpp|kvcache/layout.hpp|kvcache/errors.hpp|\
     kvcache/cache_concept.hpp|kvcache/detail/kv_view.hpp|kvcache/attend_options.hpp|\
     kvcache/attend_workspace.hpp|kvcache/kernel_isa.hpp) echo 0 ;;
-    kvcache/detail/kv_storage.hpp|kvcache/detail/contiguous_cache.hpp|\
+    kvcache/detail/kv_storage.hpp|kvcache/detail/kv_buffer.hpp|kvcache/detail/contiguous_cache.hpp|\
     kvcache/detail/serialization.hpp|kvcache/detail/crc32c.hpp|kvcache/persistence.hpp|\
     kvcache/detail/prefix_index.hpp|kvcache/detail/paged_record.hpp|kvcache/detail/record_header.hpp|\
     kvcache/detail/record_codec.hpp|kvcache/detail/quantized_record.hpp|kvcache/detail/quantizer.hpp|\

@@ -22,29 +22,14 @@
 namespace kvcache {
 namespace detail {
 
-/// A std::allocator for bytes on 64-byte boundaries: block i of a head starts at
-/// i * block_bytes, and with head_dim a multiple of 32 and group_size 32 every part of every
-/// block then starts on a cache line (quantization.hpp), ready for vector loads.
-template <class U>
-struct CacheLineAllocator {
-  using value_type = U;
-  static constexpr std::size_t alignment = 64;
-  CacheLineAllocator() = default;
-  template <class V>
-  CacheLineAllocator(const CacheLineAllocator<V>&) noexcept {}
-  U* allocate(std::size_t n) {
-    return static_cast<U*>(::operator new(n * sizeof(U), std::align_val_t(alignment)));
-  }
-  void deallocate(U* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t(alignment)); }
-  template <class V>
-  bool operator==(const CacheLineAllocator<V>&) const noexcept {
-    return true;
-  }
-  template <class V>
-  bool operator!=(const CacheLineAllocator<V>&) const noexcept {
-    return false;
-  }
-};
+/// `count` bytes, all zero, in a KVBuffer (64-byte aligned, huge pages from 2 MiB): block i of
+/// a head starts at i * block_bytes, and with head_dim a multiple of 32 and group_size 32 every
+/// part of every block then starts on a cache line (quantization.hpp), ready for vector loads.
+inline KVBuffer<std::uint8_t> zeroed_bytes(std::size_t count) {
+  KVBuffer<std::uint8_t> bytes(count);
+  if (count > 0) std::memset(bytes.data(), 0, count);
+  return bytes;
+}
 
 }  // namespace detail
 
@@ -119,8 +104,8 @@ class QuantizedKVCache : public detail::Persistent<QuantizedKVCache<T, Bits, Lay
         format_{config.group_size, head_dim},
         max_blocks_(quantized_positions(max_seq_len) / config.group_size),
         ring_(std::max<Index>(1, std::min(detail::unquantized_tail_capacity(config), max_seq_len))),
-        blocks_(static_cast<std::size_t>(detail::checked_element_count(
-            "QuantizedKVCache", {batch_size, num_heads, max_blocks_, format_.block_bytes()}, 1))),
+        blocks_(detail::zeroed_bytes(static_cast<std::size_t>(detail::checked_element_count(
+            "QuantizedKVCache", {batch_size, num_heads, max_blocks_, format_.block_bytes()}, 1)))),
         tail_(batch_size, num_heads, ring_, head_dim) {}
 
   /// \brief Appends k, v of shape (b <= batch_size(), num_heads(), new_len, head_dim()) at
@@ -357,7 +342,7 @@ class QuantizedKVCache : public detail::Persistent<QuantizedKVCache<T, Bits, Lay
   detail::QuantBlockFormat<Bits> format_;
   Index max_blocks_;  ///< blocks per (batch row, head) at max_seq_len positions
   Index ring_;        ///< tail slots
-  std::vector<std::uint8_t, detail::CacheLineAllocator<std::uint8_t>> blocks_;
+  detail::KVBuffer<std::uint8_t> blocks_;  ///< (batch, heads, max_blocks) blocks
   detail::KVStorage<T, Layout> tail_;  ///< the unquantized tail: a ring of ring_ slots
   Index position_ = 0;
 };

@@ -3,6 +3,7 @@
 #ifndef KVCACHE_DETAIL_KV_STORAGE_HPP
 #define KVCACHE_DETAIL_KV_STORAGE_HPP
 
+#include <kvcache/detail/kv_buffer.hpp>
 #include <kvcache/detail/kv_view.hpp>
 #include <kvcache/errors.hpp>
 #include <kvcache/detail/quantizer.hpp>
@@ -148,17 +149,19 @@ CheckedUpdate<T> check_update(const char* where, const K& k_in, const V& v_in, I
   return {k, v, s};
 }
 
-/// K and V buffers of shape (batch, heads, capacity, head_dim) in Layout.
+/// K and V buffers of shape (batch, heads, capacity, head_dim) in Layout (KVBuffer: cache-line
+/// aligned, huge pages where the system gives them).
 template <class T, class Layout>
 class KVStorage {
  public:
   /// Throws std::length_error when the buffers could not be addressed (extents whose product
   /// overflows), before allocating anything.
   KVStorage(Index batch_size, Index num_heads, Index capacity, Index head_dim)
-      : keys_(checked_dims(batch_size, num_heads, capacity, head_dim)),
-        values_(Layout::dims({batch_size, num_heads, capacity, head_dim})) {}
+      : shape_(checked_shape(batch_size, num_heads, capacity, head_dim)),
+        keys_(element_count(shape_)),
+        values_(element_count(shape_)) {}
 
-  Shape shape() const { return Layout::shape(keys_.dimensions()); }
+  Shape shape() const { return shape_; }
   Index capacity() const { return shape().seq; }
   Strides strides() const { return Layout::strides(shape()); }
 
@@ -211,8 +214,9 @@ class KVStorage {
                    own.heads, keep, own.head_dim);
     copy_positions(values_.data(), strides(), 0, grown.values_.data(), grown.strides(), 0,
                    own.batch, own.heads, keep, own.head_dim);
-    std::swap(keys_, grown.keys_);
-    std::swap(values_, grown.values_);
+    keys_.swap(grown.keys_);
+    values_.swap(grown.values_);
+    std::swap(shape_, grown.shape_);
   }
 
   /// A kernel's view of positions [begin, begin + length), which sit at absolute positions
@@ -242,10 +246,13 @@ class KVStorage {
   const T* values_data() const { return values_.data(); }
 
  private:
-  static std::array<Index, 4> checked_dims(Index batch_size, Index num_heads, Index capacity,
-                                           Index head_dim) {
+  static Shape checked_shape(Index batch_size, Index num_heads, Index capacity, Index head_dim) {
     checked_element_count("cache storage", {batch_size, num_heads, capacity, head_dim}, sizeof(T));
-    return Layout::dims({batch_size, num_heads, capacity, head_dim});
+    return {batch_size, num_heads, capacity, head_dim};
+  }
+  static std::size_t element_count(const Shape& s) {
+    return static_cast<std::size_t>(s.batch) * static_cast<std::size_t>(s.heads) *
+           static_cast<std::size_t>(s.seq) * static_cast<std::size_t>(s.head_dim);
   }
 
   template <class P>
@@ -254,7 +261,7 @@ class KVStorage {
     return base + b * s.batch + h * s.head + slot * s.seq;
   }
 
-  Tensor4<T> copy_range(const Tensor4<T>& from, Index begin, Index length) const {
+  Tensor4<T> copy_range(const KVBuffer<T>& from, Index begin, Index length) const {
     Shape out_shape = shape();
     out_shape.seq = length;
     Tensor4<T> out(Layout::dims(out_shape));
@@ -263,8 +270,9 @@ class KVStorage {
     return out;
   }
 
-  Tensor4<T> keys_;
-  Tensor4<T> values_;
+  Shape shape_;
+  KVBuffer<T> keys_;
+  KVBuffer<T> values_;
 };
 
 }  // namespace detail

@@ -49,11 +49,24 @@ void apply_softcap(Acc* tile, Index num_rows, Index n, Acc softcap) {
 /// is fetched (and block_values fetches the next block's key rows the same way): each stream
 /// arrives one phase before it is used, and each phase keeps the bus busy during its
 /// arithmetic.
+///
+/// A next block that does not follow this one in memory (the next run of a paged sequence's
+/// pool blocks) gets no help from the hardware prefetcher, which has just been streaming past
+/// this block's end: its keys are fetched from this phase on too, a phase earlier.
 template <class T, class Acc>
 void decode_scores(const ItemRows<Acc>& rows, const BlockRows<T>& block, Acc* tile) {
+  const RowPrefetch<T> values = prefetch_rows(block.values, block.length, rows.head_dim);
+  if (block.next_length == 0 || block.next_follows()) {
+    score_block<Stored<T>>(rows.queries, rows.num_rows, rows.head_dim, block.keys, block.length,
+                           tile, kKeyBlock, values);
+    return;
+  }
+  const RowPrefetch<T> next_keys = prefetch_rows(block.next_keys, block.next_length, rows.head_dim);
   score_block<Stored<T>>(rows.queries, rows.num_rows, rows.head_dim, block.keys, block.length,
-                         tile, kKeyBlock,
-                         prefetch_rows(block.values, block.length, rows.head_dim));
+                         tile, kKeyBlock, [&](Index j) {
+                           values(j);
+                           next_keys(j);
+                         });
 }
 
 /// Whether every element of the value rows of a block is finite (a masked key's weight is 0,

@@ -187,6 +187,13 @@ struct BlockRows {
   Index first_position;
   RowsOf<T> next_keys, next_values;
   Index next_length;
+
+  /// Whether the next block's rows continue this block's in memory (a segment, or a run of
+  /// consecutive pool blocks): the hardware prefetcher is already streaming toward them.
+  bool next_follows() const {
+    return keys.listed == nullptr && next_keys.listed == nullptr &&
+           next_keys.first == keys.first + length * keys.stride;
+  }
 };
 
 /// The blocks of a run of `length` positions from first_position that a row at positions
