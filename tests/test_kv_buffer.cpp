@@ -10,6 +10,7 @@
 #include <cstring>
 #include <fstream>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 
 namespace {
@@ -18,6 +19,7 @@ using kvcache::Index;
 using kvcache::detail::KVBuffer;
 
 constexpr std::size_t kHuge = kvcache::detail::kHugePageBytes;
+constexpr std::size_t kAdvised = kvcache::detail::kHugePageAdviceBytes;
 
 std::uintptr_t address_of(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 
@@ -74,14 +76,20 @@ TEST_CASE("KVBuffer: small buffers start on a cache line", "[kv_buffer]") {
   CHECK(empty.data() == nullptr);
 }
 
-TEST_CASE("KVBuffer: buffers of 2 MiB or more on huge pages unless switched off", "[kv_buffer]") {
-  const std::size_t count = 3 * kHuge / sizeof(float) + 5;  // not a whole number of huge pages
+TEST_CASE("KVBuffer: buffers of 32 MiB or more on huge pages unless switched off", "[kv_buffer]") {
+  const std::size_t count = kAdvised / sizeof(float) + 5;  // not a whole number of huge pages
   KVBuffer<float> buffer(count);
   for (std::size_t i = 0; i < count; ++i) buffer.data()[i] = static_cast<float>(i % 251);
   CHECK(buffer.data()[count - 1] == static_cast<float>((count - 1) % 251));
   const std::string flags = mapping_flags(buffer.data());
   CAPTURE(flags);
-  if (kvcache::detail::huge_pages_wanted()) {
+#if defined(__linux__)
+  CHECK(kvcache::detail::advises_huge_pages(kAdvised) == kvcache::detail::huge_pages_wanted());
+#else
+  CHECK_FALSE(kvcache::detail::advises_huge_pages(kAdvised));
+#endif
+  CHECK_FALSE(kvcache::detail::advises_huge_pages(kAdvised - 1));
+  if (kvcache::detail::advises_huge_pages(count * sizeof(float))) {
     CHECK(address_of(buffer.data()) % kHuge == 0);
 #if defined(__linux__)
     if (kernel_has_thp() && !flags.empty()) CHECK(flags.find(" hg") != std::string::npos);
@@ -91,8 +99,12 @@ TEST_CASE("KVBuffer: buffers of 2 MiB or more on huge pages unless switched off"
     if (!flags.empty()) CHECK(flags.find(" hg") == std::string::npos);
   }
   // Just below the threshold: a cache line, no advice.
-  KVBuffer<std::uint8_t> below(kHuge - 1);
+  KVBuffer<std::uint8_t> below(kAdvised - 1);
+  below.data()[0] = 1;
   CHECK(address_of(below.data()) % 64 == 0);
+  const std::string below_flags = mapping_flags(below.data());
+  CAPTURE(below_flags);
+  if (!below_flags.empty()) CHECK(below_flags.find(" hg") == std::string::npos);
 }
 
 TEST_CASE("KVBuffer: copies are deep, moves leave an empty buffer", "[kv_buffer]") {
@@ -123,15 +135,16 @@ TEST_CASE("KVBuffer: copies are deep, moves leave an empty buffer", "[kv_buffer]
 }
 
 TEST_CASE("KVBuffer: a cache's K/V storage is one", "[kv_buffer]") {
-  // 4 heads x 2048 positions x 64 floats: 2 MiB per part, the threshold.
-  kvcache::StaticKVCache<float> cache(1, 2048, 4, 64);
+  // 4 heads x 32768 positions x 64 floats: 32 MiB per part, the threshold.
+  kvcache::StaticKVCache<float> cache(1, 32768, 4, 64);
   kvcache::Tensor4<float> k(1, 4, 1, 64), v(1, 4, 1, 64);
   k.setConstant(1.0f);
   v.setConstant(2.0f);
   cache.update(k, v);
   const kvcache::detail::KVView<float> view = cache.attention_view();
   REQUIRE(view.num_segments == 1);
-  const std::size_t alignment = kvcache::detail::huge_pages_wanted() ? kHuge : 64;
+  const std::size_t alignment =
+      kvcache::detail::advises_huge_pages(32768u * 64u * sizeof(float)) ? kHuge : 64;
   CHECK(address_of(view.segments[0].keys) % alignment == 0);
   CHECK(address_of(view.segments[0].values) % alignment == 0);
   // A copy of the cache owns its own storage, with the same contents.
@@ -140,5 +153,24 @@ TEST_CASE("KVBuffer: a cache's K/V storage is one", "[kv_buffer]") {
   CHECK(copied.segments[0].keys != view.segments[0].keys);
   CHECK(copied.segments[0].keys[63] == 1.0f);
   CHECK(copied.segments[0].values[0] == 2.0f);
-  CHECK(cache.memory_bytes() == 2u * 4u * 2048u * 64u * sizeof(float));
+  CHECK(cache.memory_bytes() == 2u * 4u * 32768u * 64u * sizeof(float));
+}
+
+TEST_CASE("KVBuffer: a moved-from storage is empty, and its cache refuses updates", "[kv_buffer]") {
+  kvcache::DynamicKVCache<float> cache(1, 2, 8, 32);
+  kvcache::Tensor4<float> k(1, 2, 3, 8);
+  k.setConstant(0.25f);
+  cache.update(k, k);
+  kvcache::DynamicKVCache<float> moved(std::move(cache));
+  CHECK(moved.size() == 3);
+  CHECK(moved.memory_bytes() == 2u * 2u * 32u * 8u * sizeof(float));
+  // NOLINTNEXTLINE(bugprone-use-after-move): what a moved-from cache does is the point
+  CHECK(cache.memory_bytes() == 0);
+  CHECK_THROWS_AS(cache.update(k, k), std::invalid_argument);
+
+  kvcache::detail::KVStorage<float, kvcache::BHSD> storage(1, 2, 16, 8);
+  kvcache::detail::KVStorage<float, kvcache::BHSD> taken(std::move(storage));
+  CHECK(taken.capacity() == 16);
+  CHECK(storage.capacity() == 0);  // NOLINT(bugprone-use-after-move)
+  CHECK(storage.memory_bytes() == 0);
 }

@@ -12,7 +12,6 @@
 #include <kvcache/detail/kv_storage.hpp>
 #include <kvcache/detail/quantized_record.hpp>
 #include <kvcache/detail/quantizer.hpp>
-#include <new>
 #include <ostream>
 #include <stdexcept>
 #include <type_traits>
@@ -22,7 +21,7 @@
 namespace kvcache {
 namespace detail {
 
-/// `count` bytes, all zero, in a KVBuffer (64-byte aligned, huge pages from 2 MiB): block i of
+/// `count` bytes, all zero, in a KVBuffer (64-byte aligned, huge pages from 32 MiB): block i of
 /// a head starts at i * block_bytes, and with head_dim a multiple of 32 and group_size 32 every
 /// part of every block then starts on a cache line (quantization.hpp), ready for vector loads.
 inline KVBuffer<std::uint8_t> zeroed_bytes(std::size_t count) {

@@ -160,6 +160,20 @@ class KVStorage {
       : shape_(checked_shape(batch_size, num_heads, capacity, head_dim)),
         keys_(element_count(shape_)),
         values_(element_count(shape_)) {}
+  KVStorage(const KVStorage&) = default;
+  /// A moved-from storage is empty (no positions), as an Eigen tensor is.
+  KVStorage(KVStorage&& other) noexcept
+      : shape_(std::exchange(other.shape_, Shape{0, 0, 0, 0})),
+        keys_(std::move(other.keys_)),
+        values_(std::move(other.values_)) {}
+  /// Copies first, then swaps: a copy that fails leaves this storage as it was.
+  KVStorage& operator=(KVStorage other) noexcept {
+    std::swap(shape_, other.shape_);
+    keys_.swap(other.keys_);
+    values_.swap(other.values_);
+    return *this;
+  }
+  ~KVStorage() = default;
 
   Shape shape() const { return shape_; }
   Index capacity() const { return shape().seq; }

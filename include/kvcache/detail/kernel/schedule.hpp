@@ -104,6 +104,8 @@ template <class T, class Acc>
 class ProblemSource {
  public:
   template <class BuildProblem>
+  explicit ProblemSource(const BuildProblem&& build) = delete;  // would dangle
+  template <class BuildProblem>
   explicit ProblemSource(const BuildProblem& build)
       : build_(&build), call_([](const void* callable, Index i) {
           return (*static_cast<const BuildProblem*>(callable))(i);
@@ -324,7 +326,7 @@ void run_attention(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& 
       1, ProblemSource<T, Acc>(the_problem), device, workspace);
 }
 
-#if defined(KVCACHE_COMPILED_KERNELS)
+#if defined(KVCACHE_COMPILED_KERNELS) && !defined(KVCACHE_DEFINE_KERNELS)
 // The schedule is compiled once with the kernel variants (src/kernels.cpp, through the branch
 // below); the other translation units only call it. The reference variant stays in the headers.
 extern template void run_attention_problems<KernelVariant::kFast, false, float, float>(
@@ -343,7 +345,8 @@ extern template void run_attention_problems<KernelVariant::kFast, false, Eigen::
     Index, ProblemSource<Eigen::bfloat16, float>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
 extern template void run_attention_problems<KernelVariant::kFast, true, Eigen::bfloat16, float>(
     Index, ProblemSource<Eigen::bfloat16, float>, const Eigen::ThreadPoolDevice*, AttendWorkspace&);
-#elif defined(KVCACHE_DEFINE_KERNELS)
+#endif
+#if defined(KVCACHE_DEFINE_KERNELS)
 // The definitions the KVCACHE_COMPILED_KERNELS translation units call (variants.hpp has the
 // variants').
 template void run_attention_problems<KernelVariant::kFast, false, float, float>(
