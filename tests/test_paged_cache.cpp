@@ -27,6 +27,18 @@ namespace {
 
 using namespace kvtest::paged;
 
+/// A pool's configuration in one expression.
+PagedConfig pool_config(Index num_blocks, Index block_size, Index num_heads, Index head_dim,
+                        Index num_layers = 1) {
+  PagedConfig config;
+  config.num_layers = num_layers;
+  config.num_blocks = num_blocks;
+  config.block_size = block_size;
+  config.num_heads = num_heads;
+  config.head_dim = head_dim;
+  return config;
+}
+
 /// run_operations with choices from a seeded generator, every check a Catch2 REQUIRE.
 template <class T, class L>
 RunStats random_operations(const PagedConfig& config, Index q_heads, unsigned seed, int steps,
@@ -91,11 +103,7 @@ TEMPLATE_TEST_CASE("a paged pool under random operations holds what its sequence
 
 TEST_CASE("a long ragged batch splits and still matches a DynamicKVCache bit for bit",
           "[paged]") {
-  PagedConfig config;
-  config.num_blocks = 2 * 5000 / 16 + 8;
-  config.block_size = 16;
-  config.num_heads = 2;
-  config.head_dim = 16;
+  const PagedConfig config = pool_config(2 * 5000 / 16 + 8, 16, 2, 16);
   PagedKVCache<float> pool(config);
   const Model<float, BHSD> model{1, 2, 16};
   std::map<std::int64_t, ModelSequence> live;
@@ -118,11 +126,7 @@ TEST_CASE("a long ragged batch splits and still matches a DynamicKVCache bit for
 }
 
 TEST_CASE("fork shares blocks and copies a shared block only on write", "[paged]") {
-  PagedConfig config;
-  config.num_blocks = 6;
-  config.block_size = 4;
-  config.num_heads = 1;
-  config.head_dim = 2;
+  const PagedConfig config = pool_config(6, 4, 1, 2);
   PagedKVCache<float> pool(config);
   const auto a = pool.add_sequence();
   Tensor4<float> six(1, 1, 6, 2), one(1, 1, 1, 2);
@@ -147,11 +151,7 @@ TEST_CASE("fork shares blocks and copies a shared block only on write", "[paged]
 
 TEST_CASE("published prefixes outlive their sequence and go least recently used first",
           "[paged]") {
-  PagedConfig config;
-  config.num_blocks = 4;
-  config.block_size = 2;
-  config.num_heads = 1;
-  config.head_dim = 2;
+  const PagedConfig config = pool_config(4, 2, 1, 2);
   PagedKVCache<float> pool(config);
   Tensor4<float> two(1, 1, 2, 2);
   two.setConstant(0.5f);
@@ -186,12 +186,7 @@ TEST_CASE("published prefixes outlive their sequence and go least recently used 
 
 TEST_CASE("bad input to a paged pool throws naming what was expected, with nothing changed",
           "[paged]") {
-  PagedConfig config;
-  config.num_layers = 2;
-  config.num_blocks = 8;
-  config.block_size = 4;
-  config.num_heads = 2;
-  config.head_dim = 4;
+  const PagedConfig config = pool_config(8, 4, 2, 4, 2);
   REQUIRE_THROWS_AS(PagedKVCache<float>(PagedConfig{}), std::invalid_argument);
   PagedKVCache<float> pool(config);
   const auto s = pool.add_sequence();
@@ -235,12 +230,7 @@ TEST_CASE("bad input to a paged pool throws naming what was expected, with nothi
 
 TEST_CASE("a paged pool's update and ragged attend allocate nothing after the first step",
           "[paged][workspace]") {
-  PagedConfig config;
-  config.num_layers = 2;
-  config.num_blocks = 64;
-  config.block_size = 4;
-  config.num_heads = 2;
-  config.head_dim = 8;
+  const PagedConfig config = pool_config(64, 4, 2, 8, 2);
   PagedKVCache<float> pool(config);
   std::vector<std::int64_t> ids;
   Tensor4<float> prompt = random_tensor<float, BHSD>(1, 2, 9, 8, 1);
@@ -266,11 +256,7 @@ TEST_CASE("a paged pool's update and ragged attend allocate nothing after the fi
 }
 
 TEST_CASE("concurrent ragged attends over shared blocks give the serial bits", "[paged][threads]") {
-  PagedConfig config;
-  config.num_blocks = 256;
-  config.block_size = 8;
-  config.num_heads = 2;
-  config.head_dim = 16;
+  const PagedConfig config = pool_config(256, 8, 2, 16);
   PagedKVCache<float, BSHD> pool(config);
   const auto root = pool.add_sequence();
   const Tensor4<float> prompt = random_tensor<float, BSHD>(1, 2, 300, 16, 7);
@@ -308,12 +294,7 @@ namespace {
 /// A pool with forks, shared and copied blocks, free blocks in a used order, and two published
 /// prefixes that no sequence holds: {1, 2, 3} used last, {4, 5, 6} least recently.
 PagedKVCache<float, BSHD> busy_pool() {
-  PagedConfig config;
-  config.num_layers = 2;
-  config.num_blocks = 12;
-  config.block_size = 3;
-  config.num_heads = 2;
-  config.head_dim = 5;
+  const PagedConfig config = pool_config(12, 3, 2, 5, 2);
   PagedKVCache<float, BSHD> pool(config);
   const Tensor4<float> seven = random_tensor<float, BSHD>(1, 2, 7, 5, 21);
   const Tensor4<float> two = random_tensor<float, BSHD>(1, 2, 2, 5, 22);
@@ -399,11 +380,7 @@ TEST_CASE("a pool record of tiny blocks is bounded by its bookkeeping, not only 
           "[paged][persistence]") {
   // 1000 blocks of one position of one head of one float: 8 KB of K/V, but reference counts,
   // free stacks and index nodes of over 100 KB. A limit between the two refuses the record.
-  PagedConfig config;
-  config.num_blocks = 1000;
-  config.block_size = 1;
-  config.num_heads = 1;
-  config.head_dim = 1;
+  const PagedConfig config = pool_config(1000, 1, 1, 1);
   std::stringstream bytes;
   PagedKVCache<float>(config).save(bytes);
   const std::string record = bytes.str();

@@ -4,19 +4,7 @@
 #ifndef KVCACHE_PERSISTENCE_HPP
 #define KVCACHE_PERSISTENCE_HPP
 
-#include <kvcache/detail/serialization.hpp>
-#include <kvcache/errors.hpp>
-#include <kvcache/layout.hpp>
-
-#include <algorithm>
-#include <array>
-#include <cstddef>
 #include <cstdint>
-#include <initializer_list>
-#include <limits>
-#include <string>
-#include <type_traits>
-#include <vector>
 
 namespace kvcache {
 
