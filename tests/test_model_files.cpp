@@ -2,14 +2,25 @@
 // back what was written, and every malformed file is a demo::FileError that says what was
 // expected and what was found (fuzz/fuzz_model_files.cpp tries arbitrary bytes).
 #include "support/catch.hpp"
+#include "support/reference.hpp"
 
 #include "../examples/safetensors.hpp"
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
+
+using kvtest::contains;
+
+/// The message of the demo::FileError that f throws ("" when it throws none; other exceptions
+/// propagate).
+template <class F>
+std::string error_of(F&& f) {
+  return kvtest::message_of<demo::FileError>(std::forward<F>(f));
+}
 
 /// A safetensors file: the 8-byte little-endian header length, the header, the data.
 std::string safetensors_file(const std::string& header, const std::string& data) {
@@ -17,21 +28,6 @@ std::string safetensors_file(const std::string& header, const std::string& data)
   std::uint64_t n = header.size();
   for (int i = 0; i < 8; ++i, n >>= 8) bytes += static_cast<char>(n & 0xFF);
   return bytes + header + data;
-}
-
-/// The message of the demo::FileError that f throws ("" when it throws none).
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const demo::FileError& e) {
-    return e.what();
-  }
-  return "";
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
 }
 
 }  // namespace

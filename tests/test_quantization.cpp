@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "support/catch.hpp"
+#include "support/reference.hpp"
 
 namespace {
 
@@ -170,19 +171,8 @@ ErrorStats check_value_round_trip(const std::vector<T>& row, Index token,
   return stats;
 }
 
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
-
-template <class F>
-std::string message_of(F&& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  }
-  return "(no std::invalid_argument)";
-}
+using kvtest::contains;
+using kvtest::message_of;
 
 }  // namespace
 
@@ -531,33 +521,34 @@ TEST_CASE("QuantConfig validation names expected and received values", "[quantiz
   REQUIRE_NOTHROW(validate_quant_config<4>(QuantConfig{32, 64}, 128));
   REQUIRE_NOTHROW(validate_quant_config<8>(QuantConfig{32, 40}, 64));  // not a multiple
 
-  std::string m = message_of([] { validate_quant_config<8>(QuantConfig{48, 32}, 128); });
+  std::string m = message_of<std::invalid_argument>(
+      [] { validate_quant_config<8>(QuantConfig{48, 32}, 128); });
   CAPTURE(m);
   REQUIRE(contains(m, "group_size"));
   REQUIRE(contains(m, "128"));
   REQUIRE(contains(m, "got 48"));
 
-  m = message_of([] { validate_quant_config<8>(QuantConfig{0, 32}, 128); });
+  m = message_of<std::invalid_argument>([] { validate_quant_config<8>(QuantConfig{0, 32}, 128); });
   REQUIRE(contains(m, "group_size"));
   REQUIRE(contains(m, "got 0"));
-  m = message_of([] { validate_quant_config<4>(QuantConfig{-4, 32}, 128); });
+  m = message_of<std::invalid_argument>([] { validate_quant_config<4>(QuantConfig{-4, 32}, 128); });
   REQUIRE(contains(m, "got -4"));
 
-  m = message_of([] { validate_quant_config<4>(QuantConfig{3, 32}, 9); });
+  m = message_of<std::invalid_argument>([] { validate_quant_config<4>(QuantConfig{3, 32}, 9); });
   CAPTURE(m);
   REQUIRE(contains(m, "int4"));
   REQUIRE(contains(m, "even"));
   REQUIRE(contains(m, "got 3"));
 
-  m = message_of([] { validate_quant_config<8>(QuantConfig{32, 65}, 128); });
+  m = message_of<std::invalid_argument>([] { validate_quant_config<8>(QuantConfig{32, 65}, 128); });
   CAPTURE(m);
   REQUIRE(contains(m, "residual_length"));
   REQUIRE(contains(m, "[0, 64]"));
   REQUIRE(contains(m, "got 65"));
-  m = message_of([] { validate_quant_config<8>(QuantConfig{32, -1}, 128); });
+  m = message_of<std::invalid_argument>([] { validate_quant_config<8>(QuantConfig{32, -1}, 128); });
   REQUIRE(contains(m, "got -1"));
 
-  m = message_of([] { validate_quant_config<8>(QuantConfig{}, 0); });
+  m = message_of<std::invalid_argument>([] { validate_quant_config<8>(QuantConfig{}, 0); });
   REQUIRE(contains(m, "head_dim"));
   REQUIRE(contains(m, "got 0"));
 }

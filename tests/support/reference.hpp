@@ -179,12 +179,13 @@ inline bool contains(const std::string& text, const std::string& part) {
   return text.find(part) != std::string::npos;
 }
 
-/// Calls f and returns the message of the std::exception it throws ("" if none).
-template <class F>
+/// Calls f and returns the message of the Exception it throws ("" if none; an exception of
+/// another type propagates, so a test that names the type also checks it).
+template <class Exception = std::exception, class F>
 std::string message_of(F&& f) {
   try {
     f();
-  } catch (const std::exception& e) {
+  } catch (const Exception& e) {
     return e.what();
   }
   return "";
