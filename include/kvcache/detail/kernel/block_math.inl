@@ -34,9 +34,8 @@ Acc extreme_of(const Acc* x, Index n, Acc none) {
     // either operand is NaN, vmaxps / vminps yield the second operand, lane).
     for (; j + V::width <= n; j += V::width)
       lane = Largest ? V::max(V::load(x + j), lane) : V::min(V::load(x + j), lane);
-    Acc lanes[V::width];
-    lane.store(lanes);
-    for (Index l = 0; l < V::width; ++l) result = pick(result, lanes[l]);
+    // No lane is NaN (none is not): the lanes' extreme is the same in any order.
+    result = Largest ? V::max_lanes(lane) : V::min_lanes(lane);
   }
   for (; j < n; ++j) result = pick(result, x[j]);
   return result;
@@ -56,12 +55,12 @@ Acc max_score(const Acc* s, Index n) {
   return extreme_of<true>(s, n, -std::numeric_limits<Acc>::infinity());
 }
 
-/// out[r * Keys + k] += the terms i in [from, head_dim) of rows[r] . keys[k]: the channels
-/// past the last whole vector, one by one (kept out of dot_tile so its accumulators stay in
-/// registers).
+/// out[r * row_stride + k] += the terms i in [from, head_dim) of rows[r] . keys[k]: the
+/// channels past the last whole vector, one by one (kept out of dot_tile so its accumulators
+/// stay in registers).
 template <int Rows, int Keys, class Source, class Acc>
 void dot_tail(const Acc* const* rows, const typename Source::Element* const* keys, Index from,
-              Index head_dim, Acc* out) {
+              Index head_dim, Acc* out, Index row_stride) {
   #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r)
     #pragma GCC unroll 16
@@ -69,7 +68,7 @@ void dot_tail(const Acc* const* rows, const typename Source::Element* const* key
       Acc tail = 0;
       for (Index i = from; i < head_dim; ++i)
         tail += rows[r][i] * Source::template scalar<Acc>(keys[k], i);
-      out[r * Keys + k] += tail;
+      out[r * row_stride + k] += tail;
     }
 }
 
@@ -83,8 +82,8 @@ KVCACHE_ALWAYS_INLINE V load_from(const typename Source::Element* row, Index c) 
     return V::template load_codes<Source::bits>(row, c);
 }
 
-/// A tile of dot products: out[r * Keys + k] = rows[r] . keys[k] for Rows query rows and Keys
-/// keys, Rows * Keys = V::tile_dots (4 x 4 or 1 x 16 with AVX-512). Each key chunk is loaded
+/// A tile of dot products: out[r * row_stride + k] = rows[r] . keys[k] for Rows query rows and
+/// Keys keys, Rows * Keys = V::tile_dots (4 x 4 or 1 x 16 with AVX-512). Each key chunk is loaded
 /// (and widened) once for every row, each query chunk once for every key; every dot product
 /// has its own accumulator (Rows * Keys independent FMA chains), and V::reduce adds the lanes
 /// of all of them at once by one fixed tree per dot product. So a score gets the same
@@ -93,7 +92,7 @@ KVCACHE_ALWAYS_INLINE V load_from(const typename Source::Element* row, Index c) 
 template <int Rows, int Keys, class Source, class Acc>
 KVCACHE_ALWAYS_INLINE void dot_tile(const Acc* const* rows,
                                     const typename Source::Element* const* keys, Index head_dim,
-                                    Acc* out) {
+                                    Acc* out, Index row_stride) {
   using V = VecOf<Acc>;
   static_assert(Rows * Keys == V::tile_dots, "kvcache: a tile holds V::tile_dots dot products");
   constexpr Index kWidth = V::width;
@@ -114,14 +113,15 @@ KVCACHE_ALWAYS_INLINE void dot_tile(const Acc* const* rows,
       for (int k = 0; k < Keys; ++k) acc[r * Keys + k] = V::mul_add(query, key[k], acc[r * Keys + k]);
     }
   }
-  V::reduce(acc, out);
-  if (c < head_dim) dot_tail<Rows, Keys, Source>(rows, keys, c, head_dim, out);
+  V::template reduce<Rows>(acc, out, row_stride);
+  if (c < head_dim) dot_tail<Rows, Keys, Source>(rows, keys, c, head_dim, out, row_stride);
 }
 
 /// Scores of n keys (key j at key_rows(j), a RowsOf) for num_rows query rows
 /// (row r at queries + r * head_dim): out[r * out_stride + j] = q_r . k_j. Tiles of 4 rows x
-/// (tile_dots / 4) keys, or 1 x tile_dots when there is one row; a partial tile repeats its
-/// last row or key. `before_key(j)` runs before the tile holding key j is computed (prefetch).
+/// (tile_dots / 4) keys, or 1 x tile_dots when there is one row; a whole tile is stored
+/// straight into `out`, a partial one (it repeats its last row or key) through a small array.
+/// `before_key(j)` runs before the tile holding key j is computed (prefetch).
 template <class Source, class Acc, class KeyRows, class BeforeKey>
 void score_block(const Acc* queries, Index num_rows, Index head_dim, const KeyRows& key_rows,
                  Index n, Acc* out, Index out_stride, BeforeKey&& before_key) {
@@ -142,8 +142,12 @@ void score_block(const Acc* queries, Index num_rows, Index head_dim, const KeyRo
         const Acc* query[count(kRows)];
         #pragma GCC unroll 16
         for (int r = 0; r < kRows; ++r) query[r] = queries + std::min(row + r, num_rows - 1) * head_dim;
+        if (row + kRows <= num_rows && j + kKeys <= n) {
+          dot_tile<kRows, kKeys, Source>(query, key, head_dim, out + row * out_stride + j, out_stride);
+          continue;
+        }
         Acc dots[count(kDots)];
-        dot_tile<kRows, kKeys, Source>(query, key, head_dim, dots);
+        dot_tile<kRows, kKeys, Source>(query, key, head_dim, dots, kKeys);
         for (int r = 0; r < kRows && row + r < num_rows; ++r)
           for (int k = 0; k < kKeys && j + k < n; ++k)
             out[(row + r) * out_stride + j + k] = dots[r * kKeys + k];

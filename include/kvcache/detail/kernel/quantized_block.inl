@@ -176,9 +176,7 @@ bool may_need_clamp(const Acc* scales, const Acc* zeros, Index count) {
                            V::mul_add(scale, top, V::mul(zero, minus_one))),
                     high);
     }
-    Acc lanes[V::width];
-    high.store(lanes);
-    for (Index l = 0; l < V::width; ++l) reach = std::max(reach, lanes[l]);
+    reach = V::max_lanes(high);  // no lane is NaN: vmaxps keeps `high`'s lane over a NaN
   }
   for (; i < count; ++i) reach = std::max(reach, scales[i] * levels + std::abs(zeros[i]));
   return !(reach < static_cast<Acc>(kBfloat16Max));

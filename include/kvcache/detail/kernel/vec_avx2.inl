@@ -90,19 +90,46 @@ struct FloatVec {
     return _mm_cvtss_f32(_mm_add_ss(twos, _mm_shuffle_ps(twos, twos, 1)));
   }
 
+  /// The largest (smallest) of the 8 lanes, none of them NaN: halves, pairs, neighbours, in
+  /// registers (a store and 8 scalar loads would wait on store forwarding).
+  static float max_lanes(FloatVec x) { return fold_lanes<true>(x.v); }
+  static float min_lanes(FloatVec x) { return fold_lanes<false>(x.v); }
+
   /// Dot products a reduction handles at once: a tile of 4 query rows x 2 keys, or 1 x 8.
   /// Vectors per accumulator row that accumulate_rows keeps in registers.
   static constexpr int accumulator_strip = 2;
   static constexpr int tile_dots = 8;
 
-  /// out[i] = the sum of acc[i]'s 8 lanes, for 8 vectors, by one fixed tree for every i:
-  /// neighbours and pairs (two rounds of horizontal adds), then the 128-bit halves.
-  static void reduce(const FloatVec (&acc)[8], float* out) {
+  /// Dot i = the sum of acc[i]'s 8 lanes, for 8 vectors, by one fixed tree for every i:
+  /// neighbours and pairs (two rounds of horizontal adds), then the 128-bit halves. Rows 4:
+  /// out[r * row_stride + k] = dot 2r + k (64-bit stores straight from the register); Rows 1:
+  /// one store of the 8.
+  template <int Rows>
+  static void reduce(const FloatVec (&acc)[8], float* out, Index row_stride) {
+    static_assert(Rows == 1 || Rows == 4, "kvcache: an AVX2 tile is 4 x 2 or 1 x 8");
     const __m256 h01 = _mm256_hadd_ps(acc[0].v, acc[1].v), h23 = _mm256_hadd_ps(acc[2].v, acc[3].v);
     const __m256 h45 = _mm256_hadd_ps(acc[4].v, acc[5].v), h67 = _mm256_hadd_ps(acc[6].v, acc[7].v);
     const __m256 low = _mm256_hadd_ps(h01, h23), high = _mm256_hadd_ps(h45, h67);
     // low: [0..3 of vectors 0-3 | 4..7 of vectors 0-3]; high likewise for vectors 4-7.
-    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20),
-                                        _mm256_permute2f128_ps(low, high, 0x31)));
+    const __m256 dots = _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20),
+                                      _mm256_permute2f128_ps(low, high, 0x31));
+    if constexpr (Rows == 1) {
+      _mm256_storeu_ps(out, dots);
+    } else {
+      const __m128 first = _mm256_castps256_ps128(dots), second = _mm256_extractf128_ps(dots, 1);
+      _mm_storel_pi(reinterpret_cast<__m64*>(out), first);
+      _mm_storeh_pi(reinterpret_cast<__m64*>(out + row_stride), first);
+      _mm_storel_pi(reinterpret_cast<__m64*>(out + 2 * row_stride), second);
+      _mm_storeh_pi(reinterpret_cast<__m64*>(out + 3 * row_stride), second);
+    }
+  }
+ private:
+  template <bool Largest>
+  static __m128 pick(__m128 a, __m128 b) { return Largest ? _mm_max_ps(a, b) : _mm_min_ps(a, b); }
+  template <bool Largest>
+  static float fold_lanes(__m256 x) {
+    const __m128 fours = pick<Largest>(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    const __m128 twos = pick<Largest>(fours, _mm_movehl_ps(fours, fours));
+    return _mm_cvtss_f32(pick<Largest>(twos, _mm_shuffle_ps(twos, twos, 1)));
   }
 };

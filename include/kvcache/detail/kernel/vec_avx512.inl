@@ -90,6 +90,11 @@ struct FloatVec {
     return _mm_cvtss_f32(_mm_add_ss(twos, _mm_shuffle_ps(twos, twos, 1)));
   }
 
+  /// The largest (smallest) of the 16 lanes, none of them NaN: halves, quarters, pairs,
+  /// neighbours, in registers (a store and 16 scalar loads would wait on store forwarding).
+  static float max_lanes(FloatVec x) { return fold_lanes<true>(x.v); }
+  static float min_lanes(FloatVec x) { return fold_lanes<false>(x.v); }
+
   /// Dot products a reduction handles at once: a tile of 4 query rows x 4 keys, or 1 x 16.
   /// Vectors per accumulator row that accumulate_rows keeps in registers.
   static constexpr int accumulator_strip = 4;
@@ -98,7 +103,11 @@ struct FloatVec {
   /// out[i] = the sum of acc[i]'s 16 lanes, for 16 vectors, by one fixed tree for every i (a
   /// transposing reduction: halves, quarters, pairs, neighbours), so a dot product's last bits
   /// do not depend on the other 15.
-  static void reduce(const FloatVec (&acc)[16], float* out) {
+  /// Rows 4: out[r * row_stride + k] = dot 4r + k, four 128-bit stores straight from the
+  /// register; Rows 1: one store of the 16 (the caller reads no score back through memory).
+  template <int Rows>
+  static void reduce(const FloatVec (&acc)[16], float* out, Index row_stride) {
+    static_assert(Rows == 1 || Rows == 4, "kvcache: an AVX-512 tile is 4 x 4 or 1 x 16");
     __m512 half[8], quarter[4];
     #pragma GCC unroll 16
     for (int i = 0; i < 8; ++i)  // [a.q0 + a.q2, a.q1 + a.q3, b.q2 + b.q0, b.q3 + b.q1]: a blend
@@ -118,6 +127,34 @@ struct FloatVec {
                                       _mm512_maskz_shuffle_ps(kAll, pairs01, pairs23, 0xDD));
     // Lane 4k + m holds vector 4m + k: gather lane i's source 4 (i % 4) + i / 4.
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    _mm512_storeu_ps(out, _mm512_maskz_permutexvar_ps(kAll, order, sums));
+    const __m512 dots = _mm512_maskz_permutexvar_ps(kAll, order, sums);
+    if constexpr (Rows == 1) {
+      _mm512_storeu_ps(out, dots);
+    } else {
+      _mm_storeu_ps(out, quarter_of<0>(dots));
+      _mm_storeu_ps(out + row_stride, quarter_of<1>(dots));
+      _mm_storeu_ps(out + 2 * row_stride, quarter_of<2>(dots));
+      _mm_storeu_ps(out + 3 * row_stride, quarter_of<3>(dots));
+    }
+  }
+
+ private:
+  /// 128-bit quarter Q of x (the zero-masked extract: g++ 12 implements the cast to __m128
+  /// with the plain one, whose undefined starting value it reports, as above).
+  template <int Q>
+  static __m128 quarter_of(__m512 x) {
+    return _mm512_maskz_extractf32x4_ps(0xF, x, Q);
+  }
+  template <bool Largest>
+  static __m256 pick(__m256 a, __m256 b) { return Largest ? _mm256_max_ps(a, b) : _mm256_min_ps(a, b); }
+  template <bool Largest>
+  static __m128 pick(__m128 a, __m128 b) { return Largest ? _mm_max_ps(a, b) : _mm_min_ps(a, b); }
+  template <bool Largest>
+  static float fold_lanes(__m512 x) {
+    const __m256 eights = pick<Largest>(_mm512_maskz_extractf32x8_ps(0xFF, x, 0),
+                                        _mm512_maskz_extractf32x8_ps(0xFF, x, 1));
+    const __m128 fours = pick<Largest>(_mm256_castps256_ps128(eights), _mm256_extractf128_ps(eights, 1));
+    const __m128 twos = pick<Largest>(fours, _mm_movehl_ps(fours, fours));
+    return _mm_cvtss_f32(pick<Largest>(twos, _mm_shuffle_ps(twos, twos, 1)));
   }
 };

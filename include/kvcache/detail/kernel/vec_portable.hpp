@@ -135,24 +135,37 @@ struct PortableVec {
   static constexpr int accumulator_strip = 2;
   static constexpr int tile_dots = 4;
 
-  /// out[i] = acc[i].sum() (the interface of the intrinsic vectors).
-  static void reduce(const PortableVec (&acc)[4], Acc* out) {
+  /// out[r * row_stride + k] = acc[r * (4 / Rows) + k].sum() (the interface of the intrinsic
+  /// vectors).
+  template <int Rows>
+  static void reduce(const PortableVec (&acc)[4], Acc* out, Index row_stride) {
+    static_assert(Rows == 1 || Rows == 4, "kvcache: a portable tile is 4 x 1 or 1 x 4");
+    constexpr int kKeys = 4 / Rows;
     #pragma GCC unroll 16
-    for (int i = 0; i < 4; ++i) out[i] = acc[i].sum();
+    for (int i = 0; i < 4; ++i) out[i / kKeys * row_stride + i % kKeys] = acc[i].sum();
   }
+
+  /// The largest (smallest) lane, none of them NaN, by the tree of sum().
+  static Acc max_lanes(PortableVec x) { return x.fold([](Acc a, Acc b) { return a > b ? a : b; }); }
+  static Acc min_lanes(PortableVec x) { return x.fold([](Acc a, Acc b) { return a < b ? a : b; }); }
 
   /// The sum of the lanes by a fixed tree: lane l += lane l + w for w = W/2, ..., 1.
   static Acc sum_lanes(PortableVec x) { return x.sum(); }
 
   /// The lanes added pairwise in a fixed tree: (l0 + l_{W/2}) ... .
   Acc sum() const {
+    return fold([](Acc a, Acc b) { return a + b; });
+  }
+  /// The lanes combined pairwise by `op` in sum()'s fixed tree.
+  template <class Op>
+  Acc fold(Op op) const {
     Acc lane[count(W)];
     #pragma GCC unroll 16
     for (int i = 0; i < W; ++i) lane[i] = v[i];
     #pragma GCC unroll 16
     for (int half = W / 2; half >= 1; half /= 2)
       #pragma GCC unroll 16
-      for (int i = 0; i < half; ++i) lane[i] += lane[i + half];
+      for (int i = 0; i < half; ++i) lane[i] = op(lane[i], lane[i + half]);
     return lane[0];
   }
 };
