@@ -237,7 +237,12 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
     // Online softmax update per row; weights become exp(s - max), 0 where masked.
     for (Index row = 0; row < num_rows; ++row) {
       Acc* w = weights + row * group;
-      for (Index j = 0; j < group; ++j) w[j] += zero_terms[row];
+      // In vectors: softmax_step reads the scores back as vectors, which scalar stores would
+      // keep waiting on store forwarding.
+      const V zero_term = V::broadcast(zero_terms[row]);
+      Index j = 0;
+      for (; j + V::width <= group; j += V::width) V::add(V::load(w + j), zero_term).store(w + j);
+      for (; j < group; ++j) w[j] += zero_terms[row];
       if (score.softcap > 0) {
         Eigen::Map<Eigen::Array<Acc, 1, Eigen::Dynamic>> s_row(w, group);
         s_row = score.softcap * (s_row * (Acc(1) / score.softcap)).tanh();
