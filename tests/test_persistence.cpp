@@ -11,6 +11,7 @@
 // failing stream. Also: CRC-32C against its standard check values, and the byte layout of a tiny
 // record against the format document.
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -722,6 +723,44 @@ TEST_CASE("persistence: records follow each other in one stream", "[persistence]
   require_same_state(b, SlidingWindowKVCache<Eigen::half, BSHD>::load(io));
   require_same_state(c, Int8KVCache<float>::load(io));
   REQUIRE(io.peek() == std::char_traits<char>::eof());
+}
+
+TEST_CASE("persistence: a loaded block with infinite value scales attends as the reference "
+          "dequantizes it (clamped)", "[persistence][quantized]") {
+  // load() takes a block's bytes as stored. A value group with scale and zero +inf and no code
+  // 0 (inf * 0 would be NaN) reaches past the bfloat16 range, so the kernel must take the
+  // clamping path, as the reference dequantizer does (every value of the group clamps to
+  // 3.3895e38); the vector check once lost such a lane (scale * 255 - zero = inf - inf = NaN).
+  const Index group = 16, head_dim = 16;
+  Int8KVCache<float> original(1, 32, 1, head_dim, quant_config(group, 1));
+  append(original, 1, group + 1, 5);
+  REQUIRE(original.quantized_size() == group);
+  std::string bytes = saved(original);
+  const std::vector<std::uint8_t> blocks = quantized_bytes(original);
+  const std::string block(blocks.begin(), blocks.end());
+  const std::size_t at = bytes.find(block);
+  REQUIRE(at != std::string::npos);
+  const kvcache::detail::QuantBlockFormat<8> format{group, head_dim};
+  // Value groups: one per token (group == head_dim); bfloat16 little-endian.
+  auto put = [&](Index offset, char low, char high) {
+    bytes[at + static_cast<std::size_t>(offset)] = low;
+    bytes[at + static_cast<std::size_t>(offset) + 1] = high;
+  };
+  for (Index token : {Index(0), Index(7)}) {
+    put(format.value_scales_offset() + 2 * token, '\x80', '\x7F');  // +inf
+    put(format.value_zeros_offset() + 2 * token, '\x80', '\x7F');   // +inf
+    for (Index c = 0; c < head_dim; ++c)
+      bytes[at + static_cast<std::size_t>(format.value_code_row_offset(token) + c)] =
+          static_cast<char>(1 + 16 * c);
+  }
+  const auto copy = loaded<Int8KVCache<float>>(resealed(bytes));
+  const Tensor4<float> q = random_tensor<float, kvcache::BHSD>(1, 4, 1, head_dim, 6);
+  const Tensor4<float> got = kvcache::attend(q, copy);
+  const auto want = reference_attention<kvcache::BHSD>(q, copy.keys(), copy.values(),
+                                                       iota_positions(copy.size()),
+                                                       copy.size() - 1, ReferenceRules{});
+  for (Index i = 0; i < got.size(); ++i) REQUIRE(std::isfinite(got.data()[i]));
+  REQUIRE(max_abs_diff(got, want) <= 1e-5 * 3.3895e38);
 }
 
 // --- damage: every truncation, every flipped bit ----------------------------------------------------

@@ -171,10 +171,10 @@ bool may_need_clamp(const Acc* scales, const Acc* zeros, Index count) {
     const V top = V::broadcast(levels), minus_one = V::broadcast(Acc(-1));
     for (; i + V::width <= count; i += V::width) {
       const V scale = V::load(scales + i), zero = V::load(zeros + i);
-      // scale * levels + |zero| = max(scale * levels + zero, scale * levels - zero).
-      high = V::max(V::max(V::mul_add(scale, top, zero),
-                           V::mul_add(scale, top, V::mul(zero, minus_one))),
-                    high);
+      // scale * levels + |zero|, |zero| = max(zero, -zero): an infinite scale and zero give
+      // inf (not inf - inf = NaN, which the max would drop), as in the scalar tail.
+      const V magnitude = V::max(zero, V::mul(zero, minus_one));
+      high = V::max(V::mul_add(scale, top, magnitude), high);
     }
     reach = V::max_lanes(high);  // no lane is NaN: vmaxps keeps `high`'s lane over a NaN
   }

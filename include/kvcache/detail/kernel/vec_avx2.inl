@@ -123,6 +123,7 @@ struct FloatVec {
       _mm_storeh_pi(reinterpret_cast<__m64*>(out + 3 * row_stride), second);
     }
   }
+
  private:
   template <bool Largest>
   static __m128 pick(__m128 a, __m128 b) { return Largest ? _mm_max_ps(a, b) : _mm_min_ps(a, b); }

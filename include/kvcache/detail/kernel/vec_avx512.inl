@@ -100,11 +100,10 @@ struct FloatVec {
   static constexpr int accumulator_strip = 4;
   static constexpr int tile_dots = 16;
 
-  /// out[i] = the sum of acc[i]'s 16 lanes, for 16 vectors, by one fixed tree for every i (a
+  /// Dot i = the sum of acc[i]'s 16 lanes, for 16 vectors, by one fixed tree for every i (a
   /// transposing reduction: halves, quarters, pairs, neighbours), so a dot product's last bits
-  /// do not depend on the other 15.
-  /// Rows 4: out[r * row_stride + k] = dot 4r + k, four 128-bit stores straight from the
-  /// register; Rows 1: one store of the 16 (the caller reads no score back through memory).
+  /// do not depend on the other 15. Rows 4: out[r * row_stride + k] = dot 4r + k, four 128-bit
+  /// stores straight from the register; Rows 1: out[i] = dot i, one store of the 16.
   template <int Rows>
   static void reduce(const FloatVec (&acc)[16], float* out, Index row_stride) {
     static_assert(Rows == 1 || Rows == 4, "kvcache: an AVX-512 tile is 4 x 4 or 1 x 16");
