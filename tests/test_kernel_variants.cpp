@@ -147,9 +147,11 @@ TEST_CASE("kernel_isa() names the variant the KVCACHE_ISA cap selects", "[kernel
   REQUIRE(kvcache::detail::selected_isa() == want);
   REQUIRE(kvcache::kernel_isa() == kvcache::detail::isa_name(want));
   // Unknown words and "best" cap nothing.
-  REQUIRE(kvcache::detail::isa_cap("best") == Isa::kAvx512);
-  REQUIRE(kvcache::detail::isa_cap("sse9") == Isa::kAvx512);
-  REQUIRE(kvcache::detail::isa_cap(nullptr) == Isa::kAvx512);
+  REQUIRE(kvcache::detail::isa_cap("best") == Isa::kAvx512Vnni);
+  REQUIRE(kvcache::detail::isa_cap("sse9") == Isa::kAvx512Vnni);
+  REQUIRE(kvcache::detail::isa_cap(nullptr) == Isa::kAvx512Vnni);
+  REQUIRE(kvcache::detail::isa_cap("avx512") == Isa::kAvx512Vnni);
+  REQUIRE(kvcache::detail::isa_cap("avx512-novnni") == Isa::kAvx512);
   REQUIRE(kvcache::detail::isa_cap("scalar") == Isa::kScalar);
   REQUIRE(kvcache::detail::isa_cap("avx2") == Isa::kAvx2);
 }
@@ -296,4 +298,70 @@ TEMPLATE_TEST_CASE("a block table gives the bits of the same positions stored co
                   attend_on_view(q, cache.attention_view().clipped(cut.first, cut.second),
                                  options)));
   }
+}
+
+// The integer scores of quantized blocks (detail/kernel/quantized_block.inl): every vector path
+// against the portable loop. They are exact int32 sums, so they must agree to the bit, at the
+// largest words integer_query_limit allows (no overflow) and at every shape the paths split
+// differently: quad rows a multiple of 8, 16 or 32 or not, 1 to 9 rows (4 at a time, then 1).
+TEMPLATE_TEST_CASE("integer key scores: every vector path == the portable loop", "[kernel][quantized]",
+                   (std::integral_constant<int, 8>), (std::integral_constant<int, 4>)) {
+  namespace kd = kvcache::detail;
+  constexpr int Bits = TestType::value;
+  const Index quad_rows = GENERATE(1, 8, 16, 24, 32, 48, 64);
+  const Index quads = GENERATE(1, 3, 32, 128);
+  const Index num_rows = GENERATE(1, 4, 9);
+  CAPTURE(quad_rows, quads, num_rows);
+  const Index tokens = quad_rows * 8 / Bits, padded = 4 * quads;
+  const auto limit = static_cast<std::int32_t>(kd::isa_scalar::integer_query_limit<Bits>(padded));
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(quads * quad_rows * 4));
+  std::vector<std::int16_t> query(static_cast<std::size_t>(num_rows * padded));
+  unsigned state = 12345;
+  auto next = [&state] { return state = state * 1103515245u + 12345u, state >> 8; };
+  for (std::size_t i = 0; i < codes.size(); ++i)  // the largest code in every tenth place
+    codes[i] = static_cast<std::uint8_t>(i % 10 == 0 ? 255u : next() % 256);
+  for (std::size_t i = 0; i < query.size(); ++i)  // +-limit in every seventh place
+    query[i] = static_cast<std::int16_t>(i % 7 == 0 ? (i % 2 == 0 ? limit : -limit)
+                                                    : std::int32_t(next() % (2u * limit + 1)) - limit);
+  // All words at +limit and all codes at the top: the largest sum there can be.
+  if (quads == 128) std::fill(query.begin(), query.begin() + padded, static_cast<std::int16_t>(limit));
+  const kd::KeyQuads keys{codes.data(), quads, quad_rows};
+  std::vector<std::int32_t> want(static_cast<std::size_t>(num_rows * tokens));
+  kd::isa_scalar::key_code_dots_portable<Bits>(keys, query.data(), num_rows, want.data());
+  // Spot-check the loop itself against the layout's definition.
+  const kd::QuantBlockFormat<Bits> format{tokens, padded};
+  for (Index t = 0; t < tokens; t += std::max<Index>(1, tokens / 5)) {
+    std::int64_t sum = 0;
+    for (Index c = 0; c < padded; ++c)
+      sum += std::int64_t(query[static_cast<std::size_t>(c)]) * format.key_code(codes.data(), t, c);
+    REQUIRE(sum == want[static_cast<std::size_t>(t)]);
+  }
+#if defined(KVCACHE_HAS_X86_VARIANTS)
+  std::vector<std::int8_t> split(static_cast<std::size_t>(2 * num_rows * padded));
+  Index prefetched = 0;
+  auto count_prefetch = [&prefetched](Index) { ++prefetched; };
+  auto check = [&](const char* path, auto&& dots) {
+    std::vector<std::int32_t> got(want.size(), -1);
+    prefetched = 0;
+    const bool ran = dots(got.data());
+    CAPTURE(path);
+    if (!ran) {  // the shape has no vector path there: nothing written
+      REQUIRE(std::all_of(got.begin(), got.end(), [](std::int32_t x) { return x == -1; }));
+      return;
+    }
+    REQUIRE(got == want);
+    REQUIRE(prefetched == quads);  // each quad's share of the next stream once
+  };
+  const kd::Isa cpu = kd::detect_isa();
+  if (cpu >= kd::Isa::kAvx2)
+    check("avx2 vpmaddwd", [&](std::int32_t* out) {
+      return kd::isa_avx2::FloatVec::key_code_dots<Bits>(keys, query.data(), num_rows, out,
+                                                         split.data(), count_prefetch);
+    });
+  if (cpu >= kd::Isa::kAvx512Vnni)
+    check("avx512 vpdpbusd", [&](std::int32_t* out) {
+      return kd::isa_avx512_vnni::key_code_dots<Bits>(keys, query.data(), num_rows, out,
+                                                      split.data(), count_prefetch);
+    });
+#endif
 }

@@ -15,7 +15,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <ios>
+#include <iterator>
 #include <limits>
 #include <new>
 #include <sstream>
@@ -216,7 +218,7 @@ constexpr std::uint8_t kBHSD = 1, kBSHD = 2;
 
 /// A header: magic, version, header_size, type, the uint64 fields, the header CRC.
 std::string header_bytes(const TypeBytes& type, const std::vector<std::uint64_t>& fields,
-                         std::uint32_t version = 1) {
+                         std::uint32_t version = kvcache::persistence_format_version) {
   std::string out = "\x89KVC\r\n\x1a\n";
   put_u32(out, version);
   put_u32(out, static_cast<std::uint32_t>(21 + 8 * fields.size() + 4));
@@ -381,12 +383,12 @@ TEST_CASE("persistence: a tiny StaticKVCache record has the documented bytes",
                                             float_bytes({1.0f, -2.0f}));
   REQUIRE(bytes == expected);
   REQUIRE(bytes.size() == 65 + 8 + 4);
-  // Spelled out: the magic, version 1, header_size 65, the type bytes, the first field.
-  const std::string start("\x89KVC\r\n\x1a\n\x01\0\0\0\x41\0\0\0\x01\x01\x01\0\0\x01\0\0\0\0\0\0\0",
+  // Spelled out: the magic, version 2, header_size 65, the type bytes, the first field.
+  const std::string start("\x89KVC\r\n\x1a\n\x02\0\0\0\x41\0\0\0\x01\x01\x01\0\0\x01\0\0\0\0\0\0\0",
                           29);
   REQUIRE(bytes.substr(0, 29) == start);
   REQUIRE(bytes.substr(65, 8) == std::string("\0\0\x80\x3f\0\0\0\xc0", 8));  // 1.0f, -2.0f
-  REQUIRE(kvcache::persistence_format_version == 1u);
+  REQUIRE(kvcache::persistence_format_version == 2u);
 }
 
 // --- round trips, kind by kind ---------------------------------------------------------------------
@@ -541,6 +543,63 @@ TEMPLATE_TEST_CASE("QuantizedKVCache: save/load keeps blocks, tail and config; t
         append_to_both(original, copy, 1, 3, seed + 1);
       }
     }
+  }
+}
+
+namespace {
+
+/// The files of tests/data/format_v1: QuantizedKVCache records written by the library in format
+/// version 1 (at e789731, the last commit writing it, by write_format_v1.cpp.txt there), of
+/// batch 1, 2 heads, residual 3, positions of fixture_data (key phase 0, value phase 1).
+std::string format_v1_file(const std::string& name) {
+  std::string dir = __FILE__;
+  dir = dir.substr(0, dir.find_last_of("/\\") + 1);
+  std::ifstream in(dir + "data/format_v1/" + name, std::ios::binary);
+  REQUIRE(in.good());
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+/// t[i] = 2 sin(0.37 i + phase) over the row-major elements: what the version 1 files hold.
+Tensor4<float> fixture_data(Index heads, Index seq, Index dim, double phase) {
+  Tensor4<float> t(1, heads, seq, dim);
+  for (Index i = 0; i < t.size(); ++i)
+    t.data()[i] = static_cast<float>(2.0 * std::sin(0.37 * double(i) + phase));
+  return t;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("QuantizedKVCache: a format version 1 record loads as the cache it was",
+                   "[persistence][quantized][compatibility]", (std::integral_constant<int, 8>),
+                   (std::integral_constant<int, 4>)) {
+  constexpr int Bits = TestType::value;
+  struct File {
+    const char* name;
+    Index head_dim, group_size, positions, capacity;
+  };
+  // int8 with head_dim 10 (channel quads padded to 12) and an odd group; int4 with groups of 2
+  // and of 32 (the vector paths of the integer scores).
+  const std::vector<File> files = Bits == 8 ? std::vector<File>{{"int8_d10_g5.kvc", 10, 5, 23, 40}}
+                                            : std::vector<File>{{"int4_d10_g2.kvc", 10, 2, 23, 40},
+                                                                {"int4_d64_g32.kvc", 64, 32, 70, 80}};
+  for (const File& file : files) {
+    CAPTURE(file.name);
+    const std::string bytes = format_v1_file(file.name);
+    REQUIRE(bytes.substr(8, 4) == std::string("\x01\0\0\0", 4));  // version 1
+    QuantizedKVCache<float, Bits, BHSD> want(1, file.capacity, 2, file.head_dim,
+                                             quant_config(file.group_size, 3));
+    want.update(fixture_data(2, file.positions, file.head_dim, 0.0),
+                fixture_data(2, file.positions, file.head_dim, 1.0));
+    auto got = loaded<QuantizedKVCache<float, Bits, BHSD>>(bytes);
+    REQUIRE(got.quantized_size() == want.quantized_size());
+    REQUIRE(got.quantized_size() > 0);
+    require_same_state(want, got);
+    require_same_attention(want, got, 2, 5);
+    // Saved again, it is today's record of the same cache.
+    REQUIRE(saved(got) == saved(want));
+    // A version 1 record whose blocks are cut short is still refused.
+    REQUIRE(contains(load_error<QuantizedKVCache<float, Bits, BHSD>>(bytes.substr(0, bytes.size() / 2)),
+                     "truncated"));
   }
 }
 
@@ -810,7 +869,7 @@ TEST_CASE("persistence: every truncation and every flipped bit is a FormatError"
     };
     REQUIRE(contains(flipped(1), "not a kvcache record: expected the magic bytes "
                                  "89 4B 56 43 0D 0A 1A 0A, got 89 4F 56 43 0D 0A 1A 0A"));
-    REQUIRE(contains(flipped(8), "unsupported format version: expected 1, got 5"));
+    REQUIRE(contains(flipped(8), "unsupported format version: expected 1 to 2, got 6"));
     REQUIRE(contains(flipped(30), "header checksum mismatch"));
     REQUIRE(contains(flipped(bytes.size() - 6), "checksum mismatch: the record stores"));
     const std::string truncated =

@@ -364,7 +364,7 @@ TEMPLATE_TEST_CASE("huge magnitudes never give infinity or NaN", "[quantization]
   }
 }
 
-TEMPLATE_TEST_CASE("codes sit in the documented bytes: row-major, int4 low nibble first",
+TEMPLATE_TEST_CASE("codes sit in the documented bytes: values by token row, keys in channel quads",
                    "[quantization]", KVTEST_ALL_QUANT_CASES) {
   using T = typename TestType::element;
   constexpr int Bits = TestType::bits;
@@ -401,10 +401,22 @@ TEMPLATE_TEST_CASE("codes sit in the documented bytes: row-major, int4 low nibbl
   for (Index t = 0; t < group; ++t)
     for (Index j = 0; j < row_bytes; ++j) {
       CAPTURE(t, j);
-      REQUIRE(byte_at(t * row_bytes + j) == expected_byte(t, j, true));
       REQUIRE(byte_at(format.value_codes_offset() + t * row_bytes + j) ==
               expected_byte(t, j, false));
     }
+  // Key codes in channel quads: channel 4k + j of token t at byte (k * R + t % R) * 4 + j,
+  // R = G (int8) or G / 2 (int4: tokens t >= R in the high nibbles); padding channels 0.
+  const Index quad_rows = Bits == 8 ? group : group / 2;
+  REQUIRE(format.key_code_bytes() == (head_dim + 3) / 4 * quad_rows * 4);
+  for (Index k = 0; k < (head_dim + 3) / 4; ++k)
+    for (Index r = 0; r < quad_rows; ++r)
+      for (Index j = 0; j < 4; ++j) {
+        const Index c = 4 * k + j;
+        auto key = [&](Index t) { return c < head_dim ? code(t, c, t) : 0u; };
+        const unsigned want = Bits == 8 ? key(r) : key(r) | (key(r + quad_rows) << 4);
+        CAPTURE(k, r, j);
+        REQUIRE(byte_at((k * quad_rows + r) * 4 + j) == want);
+      }
   for (Index c = 0; c < head_dim; ++c) {
     REQUIRE(format.key_zero(block.data(), c) == 0.0f);
     REQUIRE(format.key_scale(block.data(), c) == 1.0f);
@@ -447,11 +459,13 @@ TEST_CASE("block format: offsets, sizes and padding", "[quantization]") {
                        f.value_zeros_offset(), f.value_scales_offset(), f.block_bytes()})
     REQUIRE(offset % 64 == 0);
   // int8 with an odd group and head_dim: the code parts are padded to keep bfloat16 aligned.
+  // Keys come in channel quads: 3 quads (12 channels, 3 of them padding) x 3 tokens x 4 bytes.
   const QuantBlockFormat<8> odd{3, 9};
   REQUIRE(odd.code_bytes() == 28);
+  REQUIRE(odd.key_code_bytes() == 36);
   REQUIRE(odd.key_zeros_offset() % 2 == 0);
   REQUIRE(odd.value_zeros_offset() % 2 == 0);
-  REQUIRE(odd.block_bytes() == 2 * 28 + 8 * 9);
+  REQUIRE(odd.block_bytes() == 36 + 28 + 8 * 9);
   // ... and still round-trips.
   const auto rows = gaussian<float>(27, 31);
   check_key_round_trip<8>(rows, 9, odd);

@@ -99,6 +99,20 @@ std::pair<Tensor4<T>, Tensor4<T>> expected_contents(const Tensor4<T>& k, const T
   return {keys, values};
 }
 
+/// The bound on kernel_error: T's tolerance, except for float, whose scores the kernel takes
+/// from the folded query rounded to about 15 bits per row and block (docs/kernel.md, "Integer
+/// scores"): a score is off by up to half a step per channel times the channel's code, and a
+/// row that sees few keys passes that almost whole into its output (the worst measured here:
+/// 1.1e-4). The accuracy table below measures what it costs against the float cache: nothing
+/// visible (the same errors to three digits).
+template <class T>
+constexpr double kernel_tolerance() {
+  if constexpr (std::is_same_v<T, float>)
+    return 3e-4;
+  else
+    return tolerance<T>();
+}
+
 /// Worst difference between attend() over the cache and the double reference over the
 /// cache's own (dequantized) keys() and values(): checks the fused kernel, not the scheme.
 template <class Cache, class T = typename Cache::element_type>
@@ -285,7 +299,7 @@ TEMPLATE_TEST_CASE("attend over the integer storage equals attention over keys()
         capped.scale = 2.0f;  // scores past the cap
         for (const AttendOptions* options : {&plain, &bidirectional, &windowed, &masked, &capped}) {
           CAPTURE(size, q_len, q_batch, options->causal, options->window, options->softcap);
-          REQUIRE(kernel_error(cache, q, *options) < tolerance<T>());
+          REQUIRE(kernel_error(cache, q, *options) < kernel_tolerance<T>());
         }
       }
     }
@@ -481,7 +495,7 @@ TEMPLATE_TEST_CASE("crop and reset, then continue", "[quantized_cache]", (QCase<
       REQUIRE(equal(cache.values(), slice_seq<L>(values_before, 0, n)));
       if (n > 0) {
         const Tensor4<T> q = random_tensor<T, L>(batch, 2 * heads, 1, d, 36);
-        REQUIRE(kernel_error(cache, q, {}) < tolerance<T>());
+        REQUIRE(kernel_error(cache, q, {}) < kernel_tolerance<T>());
       }
       // Continue: the kept blocks stay, the rest is quantized from what the tail held (the
       // dequantized survivors, then the new tokens).
@@ -498,7 +512,7 @@ TEMPLATE_TEST_CASE("crop and reset, then continue", "[quantized_cache]", (QCase<
       REQUIRE(equal(slice_seq<L>(values, kept_blocks, n + 30 - kept_blocks),
                     slice_seq<L>(want.second, kept_blocks, n + 30 - kept_blocks)));
       const Tensor4<T> q = random_tensor<T, L>(batch, 2 * heads, 4, d, 37);
-      REQUIRE(kernel_error(cache, q, {}) < tolerance<T>());
+      REQUIRE(kernel_error(cache, q, {}) < kernel_tolerance<T>());
     }
   }
 
@@ -617,7 +631,7 @@ TEMPLATE_TEST_CASE("values near the largest float give finite, exact outputs",
   // Against the reference over the cache's own dequantized keys and values (finite: the
   // quantizer never overflows): this checks the kernel, not the quantization error.
   const Tensor4<float> q = random_tensor<float, L>(1, 2 * heads, q_len, head_dim, 6);
-  CHECK(kernel_error(cache, q, {}) / magnitude < tolerance<float>());
+  CHECK(kernel_error(cache, q, {}) / magnitude < kernel_tolerance<float>());
 }
 
 // ------------------------------------------------------------------------------------------

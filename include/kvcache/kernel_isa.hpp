@@ -32,11 +32,14 @@ namespace detail {
 /// * kScalar: portable C++ (the compiler's baseline vector code: SSE2 on x86-64, NEON on
 ///   AArch64), no intrinsics;
 /// * kAvx2: AVX2 + FMA + F16C (Haswell, Zen 1 and later);
-/// * kAvx512: AVX-512 F/BW/VL/DQ + AVX2/FMA/F16C (Skylake-SP, Zen 4 and later).
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+/// * kAvx512: AVX-512 F/BW/VL/DQ + AVX2/FMA/F16C (Skylake-SP, Zen 4 and later);
+/// * kAvx512Vnni: the same plus AVX-512 VNNI (Cascade Lake, Ice Lake, Zen 4 and later), whose
+///   vpdpbusd the scores of quantized blocks use.
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3 };
 
 inline const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Vnni: return "avx512-vnni";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2-fma";
     case Isa::kScalar: break;
@@ -76,7 +79,7 @@ inline unsigned long long os_saved_states() {
 /// The best variant this build holds.
 constexpr Isa best_compiled_isa() {
 #if defined(KVCACHE_HAS_X86_VARIANTS)
-  return Isa::kAvx512;
+  return Isa::kAvx512Vnni;
 #else
   return Isa::kScalar;
 #endif
@@ -101,19 +104,23 @@ inline Isa detect_isa() {
   const bool avx512f = (leaf7[1] >> 16) & 1, avx512dq = (leaf7[1] >> 17) & 1;
   const bool avx512bw = (leaf7[1] >> 30) & 1, avx512vl = (leaf7[1] >> 31) & 1;
   const bool has_avx2 = ymm_saved && avx && avx2 && fma && f16c;
-  if (has_avx2 && zmm_saved && avx512f && avx512dq && avx512bw && avx512vl) return Isa::kAvx512;
+  const bool avx512vnni = (leaf7[2] >> 11) & 1;
+  if (has_avx2 && zmm_saved && avx512f && avx512dq && avx512bw && avx512vl)
+    return avx512vnni ? Isa::kAvx512Vnni : Isa::kAvx512;
   if (has_avx2) return Isa::kAvx2;
 #endif
   return Isa::kScalar;
 }
 
-/// The cap named by a KVCACHE_ISA value: "scalar", "avx2", "avx512"; anything else (unset,
-/// "best", an unknown word) caps nothing.
+/// The cap named by a KVCACHE_ISA value: "scalar", "avx2", "avx512-novnni" (AVX-512 without
+/// its VNNI extension: the path of CPUs that lack it), "avx512" (all of it); anything else
+/// (unset, "best", an unknown word) caps nothing.
 inline Isa isa_cap(const char* value) {
-  if (value == nullptr) return Isa::kAvx512;
+  if (value == nullptr) return Isa::kAvx512Vnni;
   if (std::strcmp(value, "scalar") == 0) return Isa::kScalar;
   if (std::strcmp(value, "avx2") == 0) return Isa::kAvx2;
-  return Isa::kAvx512;
+  if (std::strcmp(value, "avx512-novnni") == 0) return Isa::kAvx512;
+  return Isa::kAvx512Vnni;
 }
 
 /// The variant attend() runs: the best the CPU has, capped by KVCACHE_ISA, decided once (the
@@ -131,11 +138,12 @@ inline Isa selected_isa() {
 
 }  // namespace detail
 
-/// \brief The kernel variant attend() uses in this process: "avx512", "avx2-fma", or "scalar"
-/// ("neon" on ARM, where the portable variant compiles to NEON).
+/// \brief The kernel variant attend() uses in this process: "avx512-vnni", "avx512",
+/// "avx2-fma", or "scalar" ("neon" on ARM, where the portable variant compiles to NEON).
 ///
 /// The best the CPU has, capped by the environment variable KVCACHE_ISA (read once, before
-/// the first attend): "scalar", "avx2" or "avx512"; unset, "best", an unknown word or a cap
+/// the first attend): "scalar", "avx2", "avx512-novnni" (AVX-512 without VNNI) or "avx512";
+/// unset, "best", an unknown word or a cap
 /// above what the CPU has select the best available. Every variant gives the scalar
 /// reference's results within the documented tolerance, deterministically.
 inline std::string kernel_isa() { return detail::isa_name(detail::selected_isa()); }

@@ -8,10 +8,13 @@
 
 namespace kvcache {
 
-/// \brief The version of the saved-cache format: what save() writes and the only version
-/// load() reads. Any change to the format increments it (docs/persistence_format.md,
-/// "Compatibility").
-inline constexpr std::uint32_t persistence_format_version = 1;
+/// \brief The version of the saved-cache format that save() writes. Any change to the format
+/// increments it (docs/persistence_format.md, "Compatibility"). load() reads it and every older
+/// version: 2 changed only the order of the key codes inside a quantized block (channel quads),
+/// so load() converts a version 1 quantized block as it reads it.
+inline constexpr std::uint32_t persistence_format_version = 2;
+/// \brief The oldest version load() reads.
+inline constexpr std::uint32_t oldest_persistence_format_version = 1;
 
 /// \brief What load() is willing to allocate for one record.
 ///

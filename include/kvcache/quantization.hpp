@@ -118,24 +118,35 @@ inline constexpr float kBfloat16Max = 0x1.FEp127f;
 ///
 /// | part         | shape                  | type                                | bytes          |
 /// |--------------|------------------------|-------------------------------------|----------------|
-/// | key codes    | [G tokens][D channels] | uint8 (int8), or 2 per byte (int4)  | G*D*Bits/8 (*) |
-/// | key zeros    | [D channels]           | bfloat16                            | 2*D            |
-/// | key scales   | [D channels]           | bfloat16                            | 2*D            |
-/// | value codes  | [G tokens][D channels] | as key codes                        | G*D*Bits/8 (*) |
-/// | value zeros  | [G tokens][D/G groups] | bfloat16                            | 2*D            |
-/// | value scales | [G tokens][D/G groups] | bfloat16                            | 2*D            |
+/// | key codes    | [D/4 quads][G tokens][4]  | uint8 (int8), or 2 per byte (int4)  | 4*ceil(D/4)*G*Bits/8 |
+/// | key zeros    | [D channels]              | bfloat16                            | 2*D            |
+/// | key scales   | [D channels]              | bfloat16                            | 2*D            |
+/// | value codes  | [G tokens][D channels]    | as key codes                        | G*D*Bits/8 (*) |
+/// | value zeros  | [G tokens][D/G groups]    | bfloat16                            | 2*D            |
+/// | value scales | [G tokens][D/G groups]    | bfloat16                            | 2*D            |
 ///
 /// (*) rounded up to an even byte count so the bfloat16 arrays are 2-byte aligned (only int8
-/// with G and D both odd needs it). Block bytes = 2 * code_bytes + 8 * D: 72 * D for int8 and
-/// 40 * D for int4 at G = 32. When D is a multiple of 32 and G = 32 every part is a multiple of
-/// 64 bytes, so in a 64-byte aligned array of blocks every part starts on a cache line.
+/// with G and D both odd needs it). Block bytes = key code bytes + value code bytes + 8 * D:
+/// 72 * D for int8 and 40 * D for int4 at G = 32 and D a multiple of 4. When D is a multiple of
+/// 32 and G = 32 every part is a multiple of 64 bytes, so in a 64-byte aligned array of blocks
+/// every part starts on a cache line.
 ///
-/// Codes of a token are one row of D channels (the kernel's dot product with the query reads a
-/// row). int4: channel 2j sits in the low nibble of byte j of the row, channel 2j + 1 in the
-/// high nibble. Key group c is channel c over the block's G tokens; value group g of token t is
+/// Key codes come in channel quads (format version 2): quad k holds channels 4k .. 4k + 3 (past
+/// D: code 0) of the block's G tokens, token by token, the 4 codes of a token side by side. So
+/// one vector of bytes holds 4 channels of 16 (or 8) consecutive tokens: an integer dot-product
+/// instruction (vpdpbusd, vpmaddwd) multiplies it by 4 query channels broadcast and sums each
+/// token's 4 products in its own lane, with no reduction across lanes. int8: byte
+/// (k * G + t) * 4 + j is channel 4k + j of token t. int4, H = G / 2: byte (k * H + t % H) * 4
+/// + j holds channel 4k + j of token t in its low nibble for t < H, in its high nibble for
+/// t >= H (one load gives two vectors of tokens: the low nibbles and the high ones).
+/// Codes of a value token are one row of D channels (the value sums read a token's row).
+/// int4: channel 2j sits in the low nibble of byte j of the row, channel 2j + 1 in the high
+/// nibble. Key group c is channel c over the block's G tokens; value group g of token t is
 /// channels [g*G, (g+1)*G) of t. bfloat16 numbers are in native byte order (little-endian on
 /// x86). Scales live beside the codes so one block is one contiguous read (DESIGN.md 3); a
 /// kernel can fold key scales into the query once per block and key zeros into one constant.
+/// (Format version 1 stored key codes like value codes, a row of D channels per token;
+/// load() converts such records: detail::key_codes_from_version_1.)
 ///
 /// Requires: G > 0 divides D; for int4 G is even. validate_quant_config checks this.
 template <int Bits>
@@ -152,27 +163,39 @@ struct QuantBlockFormat {
 
   /// Value groups per token: head_dim / group_size.
   constexpr Index groups_per_token() const { return head_dim / group_size; }
-  /// Bytes of one token's codes: head_dim * Bits / 8.
+  /// Bytes of one value token's codes: head_dim * Bits / 8.
   constexpr Index code_row_bytes() const { return head_dim / codes_per_byte; }
-  /// Bytes of a block's key (or value) codes, padded to even.
+  /// Bytes of a block's value codes, padded to even.
   constexpr Index code_bytes() const {
     const Index raw = group_size * code_row_bytes();
     return raw + raw % 2;
   }
+  /// Key channel quads: ceil(head_dim / 4).
+  constexpr Index key_quads() const { return (head_dim + 3) / 4; }
+  /// Token rows of one key quad: group_size (int8), group_size / 2 (int4: two tokens a byte).
+  constexpr Index key_quad_rows() const { return group_size / codes_per_byte; }
+  /// Bytes of a block's key codes: 4 bytes per quad and row (always even).
+  constexpr Index key_code_bytes() const { return key_quads() * key_quad_rows() * 4; }
 
   constexpr Index key_codes_offset() const { return 0; }
-  constexpr Index key_zeros_offset() const { return code_bytes(); }
+  constexpr Index key_zeros_offset() const { return key_code_bytes(); }
   constexpr Index key_scales_offset() const { return key_zeros_offset() + 2 * head_dim; }
   constexpr Index value_codes_offset() const { return key_scales_offset() + 2 * head_dim; }
   constexpr Index value_zeros_offset() const { return value_codes_offset() + code_bytes(); }
   constexpr Index value_scales_offset() const { return value_zeros_offset() + 2 * head_dim; }
-  /// Bytes of one block: 2 * code_bytes() + 8 * head_dim.
+  /// Bytes of one block: key_code_bytes() + code_bytes() + 8 * head_dim.
   constexpr Index block_bytes() const { return value_scales_offset() + 2 * head_dim; }
 
-  /// Offsets of one token's code row and of one value group's zero/scale, from the block start.
-  constexpr Index key_code_row_offset(Index token) const {
-    return key_codes_offset() + token * code_row_bytes();
+  /// The byte holding key code (token, channel), from the block start, and the shift of the
+  /// code within it (int4: 4 for the second half of the tokens).
+  constexpr Index key_code_byte(Index token, Index channel) const {
+    return key_codes_offset() + ((channel / 4) * key_quad_rows() + token % key_quad_rows()) * 4 +
+           channel % 4;
   }
+  constexpr int key_code_shift(Index token) const {
+    return static_cast<int>(Bits * (token / key_quad_rows()));
+  }
+  /// Offsets of one value token's code row and of one value group's zero/scale.
   constexpr Index value_code_row_offset(Index token) const {
     return value_codes_offset() + token * code_row_bytes();
   }
@@ -185,6 +208,9 @@ struct QuantBlockFormat {
   float key_zero(const std::uint8_t* block, Index channel) const;
   float key_scale(const std::uint8_t* block, Index channel) const;
   unsigned key_code(const std::uint8_t* block, Index token, Index channel) const;
+  /// Writes key code (token, channel) into its place, whose bits must be 0 (the quantizer and
+  /// the version 1 conversion zero the key codes first: padding channels stay 0).
+  void put_key_code(std::uint8_t* block, Index token, Index channel, unsigned code) const;
   float value_zero(const std::uint8_t* block, Index token, Index group) const;
   float value_scale(const std::uint8_t* block, Index token, Index group) const;
   unsigned value_code(const std::uint8_t* block, Index token, Index channel) const;
@@ -283,7 +309,13 @@ float QuantBlockFormat<Bits>::key_scale(const std::uint8_t* block, Index channel
 template <int Bits>
 unsigned QuantBlockFormat<Bits>::key_code(const std::uint8_t* block, Index token,
                                           Index channel) const {
-  return unpack_code<Bits>(block + key_code_row_offset(token), channel);
+  return (unsigned(block[key_code_byte(token, channel)]) >> key_code_shift(token)) & levels;
+}
+template <int Bits>
+void QuantBlockFormat<Bits>::put_key_code(std::uint8_t* block, Index token, Index channel,
+                                          unsigned code) const {
+  std::uint8_t& byte = block[key_code_byte(token, channel)];
+  byte = static_cast<std::uint8_t>(byte | (code << key_code_shift(token)));
 }
 template <int Bits>
 float QuantBlockFormat<Bits>::value_zero(const std::uint8_t* block, Index token,
@@ -299,6 +331,27 @@ template <int Bits>
 unsigned QuantBlockFormat<Bits>::value_code(const std::uint8_t* block, Index token,
                                             Index channel) const {
   return unpack_code<Bits>(block + value_code_row_offset(token), channel);
+}
+
+/// Bytes of a block in persistence format version 1, whose key codes were rows like the value
+/// codes: 2 * code_bytes() + 8 * head_dim.
+template <int Bits>
+constexpr Index version_1_block_bytes(const QuantBlockFormat<Bits>& format) {
+  return 2 * format.code_bytes() + 8 * format.head_dim;
+}
+
+/// `block` (block_bytes()) = the version 1 block `old` (version_1_block_bytes()) in today's
+/// format: its key codes moved from token rows into channel quads; the parts after them (key
+/// zeros and scales, value codes, zeros and scales, in the same order) copied as they are.
+template <int Bits>
+void block_from_version_1(const std::uint8_t* old, const QuantBlockFormat<Bits>& format,
+                          std::uint8_t* block) {
+  std::fill_n(block + format.key_codes_offset(), format.key_code_bytes(), std::uint8_t{0});
+  for (Index t = 0; t < format.group_size; ++t)
+    for (Index c = 0; c < format.head_dim; ++c)
+      format.put_key_code(block, t, c, unpack_code<Bits>(old + t * format.code_row_bytes(), c));
+  std::copy_n(old + format.code_bytes(), format.code_bytes() + 8 * format.head_dim,
+              block + format.key_zeros_offset());
 }
 
 }  // namespace detail

@@ -1,7 +1,8 @@
 // kvcache: the record of a QuantizedKVCache (docs/persistence_format.md, kind 4) - its
 // RecordTraits, which quantized_cache.hpp derives from QuantizedRecord (a friend of the cache).
 // The quantized blocks are written as stored, their bfloat16 zero points and scales in
-// little-endian order; the unquantized tail as the rows of the cache's view.
+// little-endian order; the unquantized tail as the rows of the cache's view. A version 1 record's
+// blocks (key codes in token rows) are converted as they are read.
 #ifndef KVCACHE_DETAIL_QUANTIZED_RECORD_HPP
 #define KVCACHE_DETAIL_QUANTIZED_RECORD_HPP
 
@@ -13,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 namespace kvcache {
@@ -100,13 +102,24 @@ struct QuantizedRecord {
     require_equal(reader, "quantized_positions", h.quantized_positions, quantized,
                   "position minus its unquantized tail");
     // The storage, every product checked: blocks of the whole capacity plus the tail ring.
-    const Index code_bytes = checked_product(
-        reader, "code bytes of a block", {h.group_size, h.head_dim / QuantBlockFormat<Bits>::codes_per_byte});
-    const Index block_bytes = checked_sum(
-        reader, "block bytes",
-        checked_product(reader, "code bytes of a block",
-                        {2, checked_sum(reader, "code bytes of a block", code_bytes, code_bytes % 2)}),
-        checked_product(reader, "scale bytes of a block", {8, h.head_dim}));
+    // Value codes: a row of head_dim codes per token, padded to even; key codes: 4 bytes per
+    // channel quad and quad row (version 1: rows like the values').
+    constexpr Index per_byte = QuantBlockFormat<Bits>::codes_per_byte;
+    const Index code_bytes = checked_product(reader, "code bytes of a block",
+                                             {h.group_size, h.head_dim / per_byte});
+    const Index value_code_bytes = checked_sum(reader, "code bytes of a block", code_bytes, code_bytes % 2);
+    const Index key_code_bytes = checked_product(
+        reader, "key code bytes of a block", {(h.head_dim + 3) / 4, h.group_size / per_byte, 4});
+    const Index scale_bytes = checked_product(reader, "scale bytes of a block", {8, h.head_dim});
+    const Index block_bytes = checked_sum(reader, "block bytes",
+                                          checked_sum(reader, "block bytes", key_code_bytes, value_code_bytes),
+                                          scale_bytes);
+    const bool version_1 = reader.format_version() == 1;
+    const Index stored_block_bytes =
+        version_1 ? checked_sum(reader, "block bytes",
+                                checked_product(reader, "code bytes of a block", {2, value_code_bytes}),
+                                scale_bytes)
+                  : block_bytes;
     const Index max_blocks = (h.capacity - unquantized_tail_length(h.capacity, config)) / h.group_size;
     const Index blocks_bytes = checked_product(reader, "quantized block bytes",
                                                {h.batch_size, h.num_heads, max_blocks, block_bytes});
@@ -116,9 +129,17 @@ struct QuantizedRecord {
                          limits);
     // The payload is at most the storage just bounded: no product below can overflow.
     Payload payload;
-    payload.blocks = reader.read_byte_array(
-        static_cast<std::uint64_t>(h.batch_size * h.num_heads * (quantized / h.group_size) * block_bytes),
-        "quantized blocks");
+    const Index num_blocks = h.batch_size * h.num_heads * (quantized / h.group_size);
+    payload.blocks = reader.read_byte_array(static_cast<std::uint64_t>(num_blocks * stored_block_bytes),
+                                            "quantized blocks");
+    if (version_1) {  // key codes from token rows into channel quads (quantization.hpp)
+      const QuantBlockFormat<Bits> format{h.group_size, h.head_dim};
+      std::vector<std::uint8_t> blocks(static_cast<std::size_t>(num_blocks * block_bytes));
+      for (Index i = 0; i < num_blocks; ++i)
+        block_from_version_1(payload.blocks.data() + i * stored_block_bytes, format,
+                             blocks.data() + i * block_bytes);
+      payload.blocks = std::move(blocks);
+    }
     payload.tail = read_kv_rows<T>(reader, {h.batch_size, h.num_heads, h.position - quantized, h.head_dim},
                                    "tail keys", "tail values");
     return payload;

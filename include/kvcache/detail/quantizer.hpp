@@ -105,7 +105,6 @@ void quantize_key_block(const T* rows, Index row_stride, const QuantBlockFormat<
                         std::uint8_t* block) {
   check_quantizer_element<T>();
   using A = accumulator_t<T>;
-  constexpr Index per_byte = QuantBlockFormat<Bits>::codes_per_byte;
   const Index tokens = format.group_size, channels = format.head_dim;
 
   // Pass 1, channel-major: each channel's range over the block's tokens gives its zero and
@@ -123,19 +122,15 @@ void quantize_key_block(const T* rows, Index row_stride, const QuantBlockFormat<
     store_bfloat16(block + format.key_scales_offset() + 2 * c, group.stored_scale);
   }
 
-  // Pass 2, token-major as stored: each byte gathers codes_per_byte channels, coded against
-  // the stored (rounded) zero and scale of their channel.
+  // Pass 2: each code against the stored (rounded) zero and scale of its channel, into its
+  // place in the channel quads (padding channels past head_dim stay 0).
+  std::fill_n(block + format.key_codes_offset(), format.key_code_bytes(), std::uint8_t{0});
   for (Index t = 0; t < tokens; ++t) {
     const T* x = rows + t * row_stride;
-    std::uint8_t* code_row = block + format.key_code_row_offset(t);
-    for (Index c = 0; c < channels; c += per_byte) {
-      unsigned byte = 0;
-      for (Index k = 0; k < per_byte; ++k) {  // int4: channel c low nibble, c + 1 high
-        const A zero = A(format.key_zero(block, c + k));
-        const A scale = A(format.key_scale(block, c + k));
-        byte |= code_of<Bits>(to_quantizer_domain(x[c + k]), zero, scale) << (Bits * k);
-      }
-      code_row[c / per_byte] = static_cast<std::uint8_t>(byte);
+    for (Index c = 0; c < channels; ++c) {
+      const A zero = A(format.key_zero(block, c));
+      const A scale = A(format.key_scale(block, c));
+      format.put_key_code(block, t, c, code_of<Bits>(to_quantizer_domain(x[c]), zero, scale));
     }
   }
 }

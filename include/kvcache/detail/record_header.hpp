@@ -221,7 +221,7 @@ inline constexpr std::size_t kVersionOffset = 8;
 inline constexpr std::size_t kHeaderSizeOffset = 12;
 inline constexpr std::size_t kRecordTypeOffset = 16;
 inline constexpr std::size_t kHeaderFieldsOffset = 21;
-/// The smallest and the largest header_size load() accepts (any kind, version 1).
+/// The smallest and the largest header_size load() accepts (any kind, any version).
 inline constexpr std::uint32_t kMinHeaderBytes = kHeaderFieldsOffset + 8 + 4;
 inline constexpr std::uint32_t kMaxHeaderBytes = 256;
 
@@ -276,10 +276,12 @@ Header read_record_header(Reader& reader, const RecordType& expected,
   if (got != kRecordMagic.size()) reader.fail_short("magic", kRecordMagic.size(), got);
   reader.read_bytes(bytes.data() + kVersionOffset, 4, "format_version");
   const auto version = load_little_endian<std::uint32_t>(bytes.data() + kVersionOffset);
-  if (version != persistence_format_version)
-    reader.fail("unsupported format version: expected ", persistence_format_version, ", got ",
-                version, " (this library reads and writes version ", persistence_format_version,
-                " only)");
+  if (version < oldest_persistence_format_version || version > persistence_format_version)
+    reader.fail("unsupported format version: expected ", oldest_persistence_format_version, " to ",
+                persistence_format_version, ", got ", version, " (this library writes version ",
+                persistence_format_version, " and reads versions ", oldest_persistence_format_version,
+                " to ", persistence_format_version, ")");
+  reader.set_format_version(version);
   reader.read_bytes(bytes.data() + kHeaderSizeOffset, 4, "header_size");
   const auto size = load_little_endian<std::uint32_t>(bytes.data() + kHeaderSizeOffset);
   if (size < kMinHeaderBytes || size > kMaxHeaderBytes)

@@ -283,6 +283,11 @@ class Reader {
     return received;
   }
 
+  /// The format version of the record being read: its header's (read_record_header sets it);
+  /// a kind whose bytes changed between versions reads the older layout by it.
+  std::uint32_t format_version() const { return format_version_; }
+  void set_format_version(std::uint32_t version) { format_version_ = version; }
+
   /// Throws the FormatError for `received` of the `expected` bytes of `field`: a stream error
   /// when the stream's badbit is set, else "truncated".
   [[noreturn]] void fail_short(const char* field, std::uint64_t expected,
@@ -298,6 +303,7 @@ class Reader {
   std::istream& in_;
   std::string where_;
   std::uint64_t offset_ = 0;
+  std::uint32_t format_version_ = 0;  // none read yet
   std::uint32_t crc_ = 0;
 };
 

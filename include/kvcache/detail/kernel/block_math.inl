@@ -72,14 +72,11 @@ void dot_tail(const Acc* const* rows, const typename Source::Element* const* key
     }
 }
 
-/// One vector of elements c .. c + width - 1 of a row of the source (Stored<T> or Codes<Bits>),
-/// converted to Acc in registers.
+/// One vector of elements c .. c + width - 1 of a row of the source (Stored<T>), converted to
+/// Acc in registers.
 template <class Source, class V>
 KVCACHE_ALWAYS_INLINE V load_from(const typename Source::Element* row, Index c) {
-  if constexpr (Source::bits == 0)
-    return V::load(row + c);
-  else
-    return V::template load_codes<Source::bits>(row, c);
+  return V::load(row + c);
 }
 
 /// A tile of dot products: out[r * row_stride + k] = rows[r] . keys[k] for Rows query rows and

@@ -5,11 +5,112 @@
 // Scores (queries already carry score.scale): with k[t][c] = kzero[c] + kscale[c] * code[t][c]
 //   q . k[t] = sum_c (q[c] * kscale[c]) * code[t][c] + sum_c q[c] * kzero[c],
 // so the key scales fold into the query once per block and row, the zeros into one constant.
+// The folded query is then rounded to integers (about 15 bits per row and block: far finer
+// than the 8- or 4-bit codes it multiplies) and the codes, in channel quads, enter integer
+// dot-product instructions as they are stored, no widening to float and no reduction across
+// lanes (docs/kernel.md, "Integer scores").
 // Values: each value row is dequantized in registers, v[t][c] = vzero[t][g] + vscale[t][g] *
 // code[t][c] (one FMA per vector, the group's zero and scale broadcast), into a block of Acc
 // rows that the dense value sums then read from L1: the per-token metadata is used where it is
 // stored, no pass reorders it. A masked key's weight is 0 and dequantized values are finite
 // (clamped as quantization.hpp's dequantizer clamps), so no key needs skipping.
+
+/// The integer scores of a block, the portable loop (and the twin of every vector path:
+/// integers, so each gives the same sums): sums[r * tokens + t] = sum over the 4 * quads
+/// channels c of query[r * 4 * quads + c] * key code (t, c), for num_rows rows.
+template <int Bits>
+void key_code_dots_portable(const KeyQuads& keys, const std::int16_t* query, Index num_rows,
+                            std::int32_t* sums) {
+  constexpr Index per_byte = 8 / Bits;
+  constexpr unsigned levels = (1u << Bits) - 1u;
+  const Index padded = 4 * keys.quads, tokens = keys.quad_rows * per_byte;
+  for (Index row = 0; row < num_rows; ++row) {
+    std::int32_t* out = sums + row * tokens;
+    const std::int16_t* q = query + row * padded;
+    std::fill_n(out, tokens, 0);
+    for (Index k = 0; k < keys.quads; ++k)
+      for (Index r = 0; r < keys.quad_rows; ++r) {
+        const std::uint8_t* at = keys.codes + (k * keys.quad_rows + r) * 4;
+        for (Index part = 0; part < per_byte; ++part) {  // int4: the high nibbles are tokens
+          std::int32_t dot = 0;                          // r + quad_rows
+          for (Index j = 0; j < 4; ++j)
+            dot += std::int32_t(q[4 * k + j]) * std::int32_t((at[j] >> (Bits * part)) & levels);
+          out[part * keys.quad_rows + r] += dot;
+        }
+      }
+  }
+}
+
+/// The folded query rows of a block as integers for the integer scores: words[r * padded + c]
+/// = folded[r][c] / steps[r] rounded to the nearest integer, steps[r] = max_c |folded[r][c]| /
+/// limit, so |word| <= limit and each folded value is off by at most half a step (channels
+/// [head_dim, padded) are 0). False when some folded value is infinite or NaN, or the step
+/// would underflow: such a block takes the float scores, which propagate them as the
+/// reference does.
+template <class V>
+bool integer_query(const float* folded, Index num_rows, Index head_dim, Index padded, float limit,
+                   std::int16_t* words, float* steps) {
+  for (Index row = 0; row < num_rows; ++row) {
+    const float* f = folded + row * head_dim;
+    std::int16_t* w = words + row * padded;
+    // top = max |f[c]|; poison = sum of f[c] * 0: 0 unless some f[c] is infinite or NaN.
+    float top = 0, poison = 0;
+    Index c = 0;
+    if (head_dim >= V::width) {
+      V high = V::zero(), bad = V::zero();
+      const V minus_one = V::broadcast(-1.0f), zero = V::zero();
+      for (; c + V::width <= head_dim; c += V::width) {
+        const V x = V::load(f + c);
+        high = V::max(V::max(x, V::mul(x, minus_one)), high);
+        bad = V::add(bad, V::mul(x, zero));
+      }
+      top = V::max_lanes(high);
+      poison = V::sum_lanes(bad);
+    }
+    for (; c < head_dim; ++c) {
+      top = std::max(top, std::abs(f[c]));
+      poison += f[c] * 0.0f;
+    }
+    const float scale = limit / top;
+    if (poison != 0.0f || !(top < std::numeric_limits<float>::infinity())) return false;
+    if (top > 0 && !(scale < std::numeric_limits<float>::infinity())) return false;
+    steps[row] = top / limit;
+    c = 0;
+    if (top > 0) {
+      const V by = V::broadcast(scale);
+      for (; c + V::width <= head_dim; c += V::width) V::mul(V::load(f + c), by).store_rounded(w + c);
+      for (; c < head_dim; ++c) w[c] = static_cast<std::int16_t>(std::nearbyint(f[c] * scale));
+    }
+    std::fill(w + c, w + padded, std::int16_t{0});
+  }
+  return true;
+}
+
+/// The float scores of a block's keys (no zero term): out[r * tokens + t] = sum_c folded[r][c]
+/// * key code (t, c), quad by quad. For double, and for a float block whose folded query is
+/// not finite.
+template <int Bits, class Acc>
+void key_scores_by_quads(const KeyQuads& keys, const Acc* folded, Index num_rows, Index head_dim,
+                         Acc* out) {
+  constexpr Index per_byte = 8 / Bits;
+  constexpr unsigned levels = (1u << Bits) - 1u;
+  const Index tokens = keys.quad_rows * per_byte;
+  for (Index row = 0; row < num_rows; ++row) {
+    const Acc* f = folded + row * head_dim;
+    Acc* o = out + row * tokens;
+    std::fill_n(o, tokens, Acc(0));
+    for (Index k = 0; k < keys.quads; ++k)
+      for (Index r = 0; r < keys.quad_rows; ++r) {
+        const std::uint8_t* at = keys.codes + (k * keys.quad_rows + r) * 4;
+        for (Index part = 0; part < per_byte; ++part) {
+          Acc dot = 0;
+          for (Index j = 0; j < 4 && 4 * k + j < head_dim; ++j)
+            dot += f[4 * k + j] * static_cast<Acc>((at[j] >> (Bits * part)) & levels);
+          o[part * keys.quad_rows + r] += dot;
+        }
+      }
+  }
+}
 
 /// dst[i] = the n bfloat16 numbers at `from` (little-endian bytes), widened to Acc.
 template <class Acc>
@@ -182,16 +283,25 @@ bool may_need_clamp(const Acc* scales, const Acc* zeros, Index count) {
   return !(reach < static_cast<Acc>(kBfloat16Max));
 }
 
+/// The largest integer query word for blocks of `padded` channels: every sum of products of
+/// words and codes stays within 2^30 (int32, with room for the VNNI path's 256 hi + lo); at
+/// most 32512 = 127 * 256, so a word splits into two signed bytes.
+template <int Bits>
+float integer_query_limit(Index padded) {
+  const Index bound = (Index(1) << 30) / (Index(QuantBlockFormat<Bits>::levels) * padded);
+  return static_cast<float>(std::min<Index>(32512, bound));
+}
+
 template <int Bits, class Acc>
 void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
                              const ScoreParams<Acc>& score, const ItemRows<Acc>& rows,
                              Acc* scratch) {
-  using Source = Codes<Bits>;
   using V = VecOf<Acc>;
   const Index head_dim = rows.head_dim, num_rows = rows.num_rows;
   const QuantBlockFormat<Bits> format{seg.group_size, head_dim};
   const Index group = seg.group_size;
   const Index row_bytes = format.code_row_bytes();
+  const Index padded = 4 * format.key_quads();
 
   Acc* const key_scales = scratch;                       // (head_dim)
   Acc* const key_zeros = key_scales + head_dim;          // (head_dim)
@@ -201,6 +311,15 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
   Acc* const value_scales = weights + num_rows * group;  // (group, groups): as stored
   Acc* const value_zeros = value_scales + head_dim;      // (group, groups)
   Acc* const values = value_zeros + head_dim;            // (group, head_dim)
+  // The integer scores (float only): steps (num_rows), words (num_rows, padded) int16 and
+  // their bytes (2 x num_rows x padded) in num_rows * padded elements, sums (num_rows, group).
+  Acc* const steps = values + group * head_dim;
+  auto* const words = reinterpret_cast<std::int16_t*>(steps + num_rows);
+  auto* const split = reinterpret_cast<std::int8_t*>(words + num_rows * padded);
+  auto* const sums = reinterpret_cast<std::int32_t*>(steps + num_rows + num_rows * padded);
+  // Integer scores where the query keeps at least 13 bits (head_dim up to 512 for int8).
+  const float limit = integer_query_limit<Bits>(padded);
+  const bool integer_scores = std::is_same_v<Acc, float> && limit >= 8192;
   // Values dequantize in registers when a vector lies in one value group.
   const bool whole_vectors = group % V::width == 0 && head_dim % V::width == 0;
 
@@ -209,7 +328,7 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
   for (Index block_idx = 0; block_idx < seg.num_blocks; ++block_idx) {
     const std::uint8_t* const block = head_blocks + block_idx * seg.bytes_per_block;
     const Index first_p = seg.first_position + block_idx * group;
-    const std::uint8_t* const key_codes = block + format.key_codes_offset();
+    const KeyQuads keys{block + format.key_codes_offset(), format.key_quads(), format.key_quad_rows()};
     widen_bfloat16(block + format.key_scales_offset(), head_dim, key_scales);
     widen_bfloat16(block + format.key_zeros_offset(), head_dim, key_zeros);
 
@@ -224,16 +343,38 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
     }
     score_block<Stored<Acc>>(rows.queries, num_rows, head_dim, RowsOf<Acc>{nullptr, key_zeros, 0}, 1,
                              zero_terms, 1, [](Index) {});
-    // Scores: each key code row is read once for every row. Meanwhile this block's values
-    // (codes, zeros, scales) are fetched, a share per key, and the value phase fetches the next
+    // Scores: the key codes are read once for all rows. Meanwhile this block's values (codes,
+    // zeros, scales) are fetched, a share per key quad, and the value phase fetches the next
     // block's keys: each stream arrives one phase before it is used.
     const std::uint8_t* const next = block_idx + 1 < seg.num_blocks ? block + seg.bytes_per_block
                                                                     : nullptr;
-    score_block<Source>(folded, num_rows, head_dim, RowsOf<std::uint8_t>{nullptr, key_codes, row_bytes},
-                        group, weights, group,
-                        SpreadPrefetch::of(block + format.value_codes_offset(),
-                                           format.block_bytes() - format.value_codes_offset(),
-                                           group));
+    const SpreadPrefetch values_ahead =
+        SpreadPrefetch::of(block + format.value_codes_offset(),
+                           format.block_bytes() - format.value_codes_offset(), keys.quads);
+    bool scored = false;
+    if constexpr (std::is_same_v<Acc, float>) {
+      // Integer dot products of the folded query, rounded to `limit` steps, with the codes;
+      // times the step they are the scores to within half a step per channel.
+      if (integer_scores && integer_query<V>(folded, num_rows, head_dim, padded, limit, words, steps)) {
+        if (!V::template key_code_dots<Bits>(keys, words, num_rows, sums, split, values_ahead)) {
+          key_code_dots_portable<Bits>(keys, words, num_rows, sums);
+          for (Index k = 0; k < keys.quads; ++k) values_ahead(k);
+        }
+        for (Index row = 0; row < num_rows; ++row) {
+          const std::int32_t* from = sums + row * group;
+          Acc* w = weights + row * group;
+          const V step = V::broadcast(steps[row]);
+          Index j = 0;
+          for (; j + V::width <= group; j += V::width) V::mul(V::load(from + j), step).store(w + j);
+          for (; j < group; ++j) w[j] = static_cast<Acc>(from[j]) * steps[row];
+        }
+        scored = true;
+      }
+    }
+    if (!scored) {
+      key_scores_by_quads<Bits>(keys, folded, num_rows, head_dim, weights);
+      for (Index k = 0; k < keys.quads; ++k) values_ahead(k);
+    }
     // Online softmax update per row; weights become exp(s - max), 0 where masked.
     for (Index row = 0; row < num_rows; ++row) {
       Acc* w = weights + row * group;

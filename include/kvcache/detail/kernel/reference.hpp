@@ -56,7 +56,6 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
   for (Index block_idx = 0; block_idx < seg.num_blocks; ++block_idx) {
     const std::uint8_t* const block = head_blocks + block_idx * seg.bytes_per_block;
     const Index first_p = seg.first_position + block_idx * group;
-    const std::uint8_t* const key_codes = block + format.key_codes_offset();
     const std::uint8_t* const value_codes = block + format.value_codes_offset();
     const std::uint8_t* const value_zeros = block + format.value_zeros_offset();
     const std::uint8_t* const value_scales = block + format.value_scales_offset();
@@ -82,14 +81,9 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
           scores[j] = minus_infinity;
           continue;
         }
-        const std::uint8_t* codes = key_codes + j * row_bytes;
         Acc dot = 0;
-        // Invariant: dot = sum of folded[c] * code[j][c] over the channels of bytes [0, i).
-        for (Index i = 0; i < row_bytes; ++i) {
-          const unsigned byte = codes[i];
-          for (Index k = 0; k < per_byte; ++k)  // int4: channel 2i low nibble, 2i + 1 high
-            dot += folded[i * per_byte + k] * static_cast<Acc>((byte >> (Bits * k)) & low_mask);
-        }
+        for (Index c = 0; c < head_dim; ++c)
+          dot += folded[c] * static_cast<Acc>(format.key_code(block, j, c));
         dot += zero_term;
         if (score.softcap > 0) dot = score.softcap * std::tanh(dot / score.softcap);
         scores[j] = dot;

@@ -67,6 +67,16 @@ inline constexpr Index kRowsPerItem = 64;
 /// product per key and row, reading each key once in place; memory-bound).
 inline constexpr Index kTileRows = 16;
 
+/// The key codes of one quantized block as the integer dot products read them
+/// (quantization.hpp, "channel quads"): row r of quad k is the 4 bytes at
+/// codes + (k * quad_rows + r) * 4, channels 4k .. 4k + 3; int8: token r; int4: token r in the
+/// low nibbles, token r + quad_rows in the high ones. A block has quad_rows * 8 / Bits tokens.
+struct KeyQuads {
+  const std::uint8_t* codes;
+  Index quads;
+  Index quad_rows;
+};
+
 /// Bytes of a cache line (x86-64 and most ARM cores): the unit of prefetching.
 inline constexpr Index kCacheLine = 64;
 
@@ -77,11 +87,15 @@ struct UnitScratch {
   Acc* elements;
 };
 
-/// Scratch elements a quantized segment's blocks need for num_rows rows (group G, D channels):
-/// key scales and zeros (2D), per row the folded query (D), its zero term and the weights (G),
-/// value scales and zeros (2D), then the block's values dequantized (G x D).
+/// Scratch elements a quantized segment's blocks need for num_rows rows (group G, D channels,
+/// P = 4 * ceil(D / 4) padded channels): key scales and zeros (2D), per row the folded query
+/// (D), its zero term and the weights (G), value scales and zeros (2D), the block's values
+/// dequantized (G x D), then for the integer scores per row the query's step (1), its int16
+/// words and their bytes (4P bytes: P elements hold them) and the int32 sums (G).
 inline Index quantized_scratch_elements(Index num_rows, Index head_dim, Index group) {
-  return 4 * head_dim + num_rows * (head_dim + 1 + group) + group * head_dim;
+  const Index padded = 4 * ((head_dim + 3) / 4);
+  return 4 * head_dim + num_rows * (head_dim + 1 + group) + group * head_dim +
+         num_rows * (1 + padded + group);
 }
 
 /// Acc elements of scratch one work unit of num_rows rows needs: the score tile
@@ -98,23 +112,9 @@ inline Index unit_scratch_elements(Index num_rows, Index head_dim, const QuantSe
 template <class T>
 struct Stored {
   using Element = T;  ///< what a row pointer points to; row strides count these
-  static constexpr int bits = 0;
   template <class Acc>
   static Acc scalar(const T* row, Index c) {
     return static_cast<Acc>(row[c]);
-  }
-};
-
-/// A source of quantization codes of Bits bits (quantization.hpp: the byte format and the
-/// nibble order, unpack_code); row strides count bytes.
-template <int Bits>
-struct Codes {
-  static_assert(Bits == 8 || Bits == 4, "kvcache: codes are 8 or 4 bits");
-  using Element = std::uint8_t;
-  static constexpr int bits = Bits;
-  template <class Acc>
-  static Acc scalar(const std::uint8_t* row, Index c) {
-    return static_cast<Acc>(unpack_code<Bits>(row, c));
   }
 };
 

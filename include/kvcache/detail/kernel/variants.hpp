@@ -71,6 +71,25 @@ namespace isa_avx2 {
 #pragma GCC pop_options
 #endif
 
+// The one function that needs AVX-512 VNNI, in a region of its own: the AVX-512 variant calls
+// it only where the CPU has the instruction (Isa::kAvx512Vnni).
+#if defined(__clang__)
+#pragma clang attribute push(                                                                 \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni"))), \
+    apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni")
+#endif
+namespace isa_avx512_vnni {
+#include <kvcache/detail/kernel/vec_avx512_vnni.inl>
+}  // namespace isa_avx512_vnni
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
 #if defined(__clang__)
 #pragma clang attribute push(                                                              \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), \
@@ -106,7 +125,9 @@ namespace isa_avx512 {
 template <class T, class Acc, bool QuantizedBlocks>
 UnitFunction<T, Acc> unit_function(Isa isa) {
 #if defined(KVCACHE_HAS_X86_VARIANTS)
-  if (isa == Isa::kAvx512) return &isa_avx512::attend_unit<T, Acc, QuantizedBlocks>;
+  // VNNI changes one function of the AVX-512 variant, which asks selected_isa() itself.
+  if (isa == Isa::kAvx512 || isa == Isa::kAvx512Vnni)
+    return &isa_avx512::attend_unit<T, Acc, QuantizedBlocks>;
   if (isa == Isa::kAvx2) return &isa_avx2::attend_unit<T, Acc, QuantizedBlocks>;
 #endif
   (void)isa;

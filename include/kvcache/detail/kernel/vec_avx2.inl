@@ -30,7 +30,40 @@ struct FloatVec {
     _mm_prefetch(static_cast<const char*>(address), _MM_HINT_T0);
 #endif
   }
+  /// Eight int32 converted to float (exact below 2^24, else rounded to nearest).
+  static FloatVec load(const std::int32_t* from) {
+    return {_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(from)))};
+  }
   void store(float* to) const { _mm256_storeu_ps(to, v); }
+  /// The lanes rounded to the nearest integer (ties to even) as int16. Requires |lane| < 32768.
+  void store_rounded(std::int16_t* to) const {
+    const __m256i words = _mm256_cvtps_epi32(v);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(to),
+                     _mm_packs_epi32(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1)));
+  }
+
+  /// The integer scores of a block: sums[r * tokens + t] = sum over the 4 * quads channels c of
+  /// query[r * 4 * quads + c] * key code (t, c), exact in int32 (the caller bounds the query so
+  /// no sum overflows), for num_rows rows; false (nothing written) when the block's shape has
+  /// no vector path here (quad rows not a multiple of 8), and the caller takes the portable
+  /// twin. vpmaddwd: a 32-byte load is 8 token rows x 4 codes, widened to two vectors of 16-bit
+  /// codes (rows 0-3, 4-7); each multiplies the row's 4 query words broadcast, summing
+  /// channel pairs into 32-bit lanes (lanes 2i, 2i + 1 = token i's channels 0-1, 2-3), which
+  /// one horizontal add per 8 tokens folds at the end. Two rows at a time: 8 accumulators.
+  /// prefetch(k) runs once per quad k, in the first pass over the quads. (`split`, scratch of
+  /// 2 * num_rows * 4 * quads bytes, is for the AVX-512 VNNI path; unused here.)
+  template <int Bits, class Prefetch>
+  static bool key_code_dots(const KeyQuads& keys, const std::int16_t* query, Index num_rows,
+                            std::int32_t* sums, std::int8_t* split, const Prefetch& prefetch) {
+    (void)split;
+    if (keys.quad_rows % 8 != 0) return false;
+    Index row = 0;
+    bool first = true;
+    for (; row + 2 <= num_rows; row += 2, first = false)
+      code_dot_rows<Bits, 2>(keys, query, row, sums, prefetch, first);
+    for (; row < num_rows; ++row, first = false) code_dot_rows<Bits, 1>(keys, query, row, sums, prefetch, first);
+    return true;
+  }
 
   /// Channels c .. c + 7 of a row of codes (PortableVec::load_codes for the nibble order).
   template <int Bits>
@@ -125,6 +158,68 @@ struct FloatVec {
   }
 
  private:
+  /// key_code_dots for rows [row, row + Rows).
+  template <int Bits, int Rows, class Prefetch>
+  static void code_dot_rows(const KeyQuads& keys, const std::int16_t* query, Index row,
+                            std::int32_t* sums, const Prefetch& prefetch, bool first) {
+    const Index padded = 4 * keys.quads, tokens = keys.quad_rows * (8 / Bits);
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    // Vectors of 8 token rows per step: int8 two loads (16 rows), int4 one load's two nibbles.
+    constexpr int kVectors = 2;
+    const Index rows_per_step = Bits == 8 ? 16 : 8;
+    for (Index r0 = 0; r0 < keys.quad_rows; r0 += rows_per_step) {
+      const bool whole = Bits == 4 || r0 + 16 <= keys.quad_rows;  // int8: a second load fits
+      __m256i acc[count(Rows)][kVectors][2];
+      #pragma GCC unroll 16
+      for (int r = 0; r < Rows; ++r)
+        #pragma GCC unroll 16
+        for (int i = 0; i < kVectors; ++i) acc[r][i][0] = acc[r][i][1] = _mm256_setzero_si256();
+      // Invariant: acc[r][i][h] lane 2m + p = the sum over quads < k of token
+      // (vector i, m + 4h)'s channels 4k' + 2p, 4k' + 2p + 1 times the query's.
+      for (Index k = 0; k < keys.quads; ++k) {
+        if (first && r0 == 0) prefetch(k);
+        const std::uint8_t* at = keys.codes + (k * keys.quad_rows + r0) * 4;
+        __m256i codes[kVectors];
+        if constexpr (Bits == 8) {
+          codes[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+          codes[1] = whole ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + 32)) : codes[0];
+        } else {
+          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+          codes[0] = _mm256_and_si256(bytes, nibble);
+          codes[1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+        }
+        __m256i words[kVectors][2];
+        #pragma GCC unroll 16
+        for (int i = 0; i < kVectors; ++i) {
+          words[i][0] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(codes[i]));
+          words[i][1] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(codes[i], 1));
+        }
+        #pragma GCC unroll 16
+        for (int r = 0; r < Rows; ++r) {
+          std::int64_t four;
+          std::memcpy(&four, query + (row + r) * padded + 4 * k, sizeof four);
+          const __m256i q = _mm256_set1_epi64x(four);
+          #pragma GCC unroll 16
+          for (int i = 0; i < kVectors; ++i)
+            #pragma GCC unroll 16
+            for (int h = 0; h < 2; ++h)
+              acc[r][i][h] = _mm256_add_epi32(acc[r][i][h], _mm256_madd_epi16(words[i][h], q));
+        }
+      }
+      #pragma GCC unroll 16
+      for (int r = 0; r < Rows; ++r)
+        #pragma GCC unroll 16
+        for (int i = 0; i < kVectors; ++i) {
+          if (i == 1 && !whole) break;
+          // [t0, t1, t4, t5 | t2, t3, t6, t7] -> tokens in order.
+          const __m256i pairs = _mm256_hadd_epi32(acc[r][i][0], acc[r][i][1]);
+          const __m256i dots = _mm256_permute4x64_epi64(pairs, 0xD8);
+          const Index token = Bits == 8 ? r0 + 8 * i : r0 + i * keys.quad_rows;
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums + (row + r) * tokens + token), dots);
+        }
+    }
+  }
+
   template <bool Largest>
   static __m128 pick(__m128 a, __m128 b) { return Largest ? _mm_max_ps(a, b) : _mm_min_ps(a, b); }
   template <bool Largest>

@@ -33,7 +33,27 @@ struct FloatVec {
     _mm_prefetch(static_cast<const char*>(address), _MM_HINT_T0);
 #endif
   }
+  /// Sixteen int32 converted to float (exact below 2^24, else rounded to nearest).
+  static FloatVec load(const std::int32_t* from) {
+    return {_mm512_maskz_cvtepi32_ps(kAll, _mm512_loadu_si512(from))};
+  }
   void store(float* to) const { _mm512_storeu_ps(to, v); }
+  /// The lanes rounded to the nearest integer (ties to even) as int16. Requires |lane| < 32768.
+  void store_rounded(std::int16_t* to) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(to),
+                        _mm512_maskz_cvtepi32_epi16(kAll, _mm512_maskz_cvtps_epi32(kAll, v)));
+  }
+
+  /// The integer scores of a block (isa_avx2::FloatVec::key_code_dots has the contract): with
+  /// AVX-512 VNNI, vpdpbusd on 64 codes at a time (detail/kernel/vec_avx512_vnni.inl); without,
+  /// the AVX2 variant's vpmaddwd loop (AVX-512 CPUs without VNNI are Skylake-SP generation).
+  template <int Bits, class Prefetch>
+  static bool key_code_dots(const KeyQuads& keys, const std::int16_t* query, Index num_rows,
+                            std::int32_t* sums, std::int8_t* split, const Prefetch& prefetch) {
+    if (selected_isa() == Isa::kAvx512Vnni)
+      return isa_avx512_vnni::key_code_dots<Bits>(keys, query, num_rows, sums, split, prefetch);
+    return isa_avx2::FloatVec::key_code_dots<Bits>(keys, query, num_rows, sums, split, prefetch);
+  }
 
   /// Channels c .. c + 15 of a row of codes (PortableVec::load_codes for the nibble order).
   template <int Bits>

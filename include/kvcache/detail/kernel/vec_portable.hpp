@@ -76,6 +76,19 @@ struct PortableVec {
     #pragma GCC unroll 16
     for (int i = 0; i < W; ++i) to[i] = v[i];
   }
+  /// The lanes rounded to the nearest integer (ties to even, the default rounding mode, as
+  /// cvtps2dq) as int16. Requires |lane| < 32768.
+  void store_rounded(std::int16_t* to) const {
+    #pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) to[i] = static_cast<std::int16_t>(std::nearbyint(v[i]));
+  }
+  /// No vector path for the integer scores of a quantized block: the kernel's portable loop
+  /// (key_code_dots_portable in quantized_block.inl) computes them.
+  template <int Bits, class KeyQuadsT, class Prefetch>
+  static bool key_code_dots(const KeyQuadsT&, const std::int16_t*, Index, std::int32_t*,
+                            std::int8_t*, const Prefetch&) {
+    return false;
+  }
 
   /// Channels c .. c + W - 1 of a row of Bits-bit codes (4 bits: channel 2j in the low nibble
   /// of byte j, 2j + 1 in the high one; c even).

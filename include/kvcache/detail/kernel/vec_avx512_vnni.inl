@@ -1,0 +1,95 @@
+// kvcache: the integer scores of a quantized block with AVX-512 VNNI (vpdpbusd). Included by
+// detail/kernel/variants.hpp only, inside namespace kvcache::detail::isa_avx512_vnni and a
+// region compiled for the AVX-512 variant's target plus "avx512vnni"; the AVX-512 variant calls
+// it when the CPU has VNNI (Isa::kAvx512Vnni). Only this function needs the instruction, so only
+// it is compiled for it: the rest of the AVX-512 variant runs on AVX-512 CPUs without VNNI.
+// (No include guard: the region includes it once; no includes: variants.hpp brings them.)
+
+/// key_code_dots for rows [row, row + Rows) (the contract: isa_avx2::FloatVec::key_code_dots).
+/// vpdpbusd multiplies unsigned bytes by signed bytes, four to a 32-bit lane, and adds them to
+/// the lane: one 64-byte load of a quad is 16 token rows x 4 codes, so lane m sums token m's 4
+/// channels, no reduction across lanes. The 16-bit query words are split into signed bytes,
+/// w = 256 hi + lo (lo = w's low byte as signed, hi = (w - lo) / 256, both in [-128, 127] for
+/// |w| <= 32640): one dot with each, combined as 256 hi_sum + lo_sum, the exact sum.
+template <int Bits, int Rows, class Prefetch>
+void code_dot_rows(const KeyQuads& keys, const std::int8_t* low, const std::int8_t* high,
+                   Index row, std::int32_t* sums, const Prefetch& prefetch, bool first) {
+  const Index padded = 4 * keys.quads, tokens = keys.quad_rows * (8 / Bits);
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  // Vectors of 16 token rows per step: int8 two loads (32 rows) when they fit, int4 one load's
+  // two nibbles.
+  constexpr int kVectors = 2;
+  const Index rows_per_step = Bits == 8 ? 32 : 16;
+  for (Index r0 = 0; r0 < keys.quad_rows; r0 += rows_per_step) {
+    const bool whole = Bits == 4 || r0 + 32 <= keys.quad_rows;  // int8: a second load fits
+    __m512i acc_low[count(Rows)][kVectors], acc_high[count(Rows)][kVectors];
+    #pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r)
+      #pragma GCC unroll 16
+      for (int i = 0; i < kVectors; ++i) acc_low[r][i] = acc_high[r][i] = _mm512_setzero_si512();
+    // Invariant: lane m of acc_low[r][i] (acc_high) = the sum over quads < k of token
+    // (vector i, m)'s 4 codes times the row's low (high) query bytes.
+    for (Index k = 0; k < keys.quads; ++k) {
+      if (first && r0 == 0) prefetch(k);
+      const std::uint8_t* at = keys.codes + (k * keys.quad_rows + r0) * 4;
+      __m512i codes[kVectors];
+      if constexpr (Bits == 8) {
+        codes[0] = _mm512_loadu_si512(at);
+        codes[1] = whole ? _mm512_loadu_si512(at + 64) : codes[0];
+      } else {
+        const __m512i bytes = _mm512_loadu_si512(at);
+        codes[0] = _mm512_and_si512(bytes, nibble);
+        codes[1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
+      }
+      #pragma GCC unroll 16
+      for (int r = 0; r < Rows; ++r) {
+        std::int32_t four_low, four_high;
+        std::memcpy(&four_low, low + (row + r) * padded + 4 * k, sizeof four_low);
+        std::memcpy(&four_high, high + (row + r) * padded + 4 * k, sizeof four_high);
+        const __m512i q_low = _mm512_set1_epi32(four_low), q_high = _mm512_set1_epi32(four_high);
+        #pragma GCC unroll 16
+        for (int i = 0; i < kVectors; ++i) {
+          acc_low[r][i] = _mm512_dpbusd_epi32(acc_low[r][i], codes[i], q_low);
+          acc_high[r][i] = _mm512_dpbusd_epi32(acc_high[r][i], codes[i], q_high);
+        }
+      }
+    }
+    #pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r)
+      #pragma GCC unroll 16
+      for (int i = 0; i < kVectors; ++i) {
+        if (i == 1 && !whole) break;
+        const __m512i dots = _mm512_add_epi32(_mm512_maskz_slli_epi32(__mmask16(0xFFFF), acc_high[r][i], 8), acc_low[r][i]);
+        const Index token = Bits == 8 ? r0 + 16 * i : r0 + i * keys.quad_rows;
+        _mm512_storeu_si512(sums + (row + r) * tokens + token, dots);
+      }
+  }
+}
+
+/// The integer scores of a block with vpdpbusd; false (nothing written) when the quad rows are
+/// not a multiple of 16. split: 2 * num_rows * 4 * quads bytes of scratch for the query bytes.
+template <int Bits, class Prefetch>
+bool key_code_dots(const KeyQuads& keys, const std::int16_t* query, Index num_rows,
+                   std::int32_t* sums, std::int8_t* split, const Prefetch& prefetch) {
+  if (keys.quad_rows % 16 != 0) return false;
+  const Index words = num_rows * 4 * keys.quads;
+  std::int8_t* const low = split;
+  std::int8_t* const high = split + words;
+  // Split every word: 32 at a time, the last ones under a mask.
+  for (Index i = 0; i < words; i += 32) {
+    const Index left = std::min<Index>(32, words - i);
+    const __mmask32 lanes = left == 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
+    const __m512i w = _mm512_maskz_loadu_epi16(lanes, query + i);
+    const __m512i lo = _mm512_srai_epi16(_mm512_slli_epi16(w, 8), 8);
+    const __m512i hi = _mm512_srai_epi16(_mm512_sub_epi16(w, lo), 8);
+    _mm256_mask_storeu_epi8(low + i, lanes, _mm512_maskz_cvtepi16_epi8(lanes, lo));
+    _mm256_mask_storeu_epi8(high + i, lanes, _mm512_maskz_cvtepi16_epi8(lanes, hi));
+  }
+  Index row = 0;
+  bool first = true;
+  for (; row + 4 <= num_rows; row += 4, first = false)
+    code_dot_rows<Bits, 4>(keys, low, high, row, sums, prefetch, first);
+  for (; row < num_rows; ++row, first = false)
+    code_dot_rows<Bits, 1>(keys, low, high, row, sums, prefetch, first);
+  return true;
+}
