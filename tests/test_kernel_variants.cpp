@@ -358,6 +358,13 @@ TEMPLATE_TEST_CASE("integer key scores: every vector path == the portable loop",
       return kd::isa_avx2::FloatVec::key_code_dots<Bits>(keys, query.data(), num_rows, out,
                                                          split.data(), count_prefetch);
     });
+  // The AVX-512 variant's own: vpmaddwd on 512 bits under KVCACHE_ISA=avx512-novnni (ctest
+  // runs this file so), vpdpbusd where the cap allows VNNI.
+  if (cpu >= kd::Isa::kAvx512)
+    check("avx512 variant", [&](std::int32_t* out) {
+      return kd::isa_avx512::FloatVec::key_code_dots<Bits>(keys, query.data(), num_rows, out,
+                                                           split.data(), count_prefetch);
+    });
   if (cpu >= kd::Isa::kAvx512Vnni)
     check("avx512 vpdpbusd", [&](std::int32_t* out) {
       return kd::isa_avx512_vnni::key_code_dots<Bits>(keys, query.data(), num_rows, out,

@@ -45,14 +45,23 @@ struct FloatVec {
   }
 
   /// The integer scores of a block (isa_avx2::FloatVec::key_code_dots has the contract): with
-  /// AVX-512 VNNI, vpdpbusd on 64 codes at a time (detail/kernel/vec_avx512_vnni.inl); without,
-  /// the AVX2 variant's vpmaddwd loop (AVX-512 CPUs without VNNI are Skylake-SP generation).
+  /// AVX-512 VNNI, vpdpbusd on 64 codes at a time (detail/kernel/vec_avx512_vnni.inl); without
+  /// (Skylake-SP generation), the AVX2 variant's vpmaddwd loop on 512-bit vectors: a 64-byte
+  /// load is 16 token rows, widened to two vectors of 8 tokens' 16-bit codes. Quad rows not a
+  /// multiple of 16 take the AVX2 loop itself.
   template <int Bits, class Prefetch>
   static bool key_code_dots(const KeyQuads& keys, const std::int16_t* query, Index num_rows,
                             std::int32_t* sums, std::int8_t* split, const Prefetch& prefetch) {
     if (selected_isa() == Isa::kAvx512Vnni)
       return isa_avx512_vnni::key_code_dots<Bits>(keys, query, num_rows, sums, split, prefetch);
-    return isa_avx2::FloatVec::key_code_dots<Bits>(keys, query, num_rows, sums, split, prefetch);
+    if (keys.quad_rows % 16 != 0)
+      return isa_avx2::FloatVec::key_code_dots<Bits>(keys, query, num_rows, sums, split, prefetch);
+    Index row = 0;
+    bool first = true;
+    for (; row + 4 <= num_rows; row += 4, first = false)
+      code_dot_rows<Bits, 4>(keys, query, row, sums, prefetch, first);
+    for (; row < num_rows; ++row, first = false) code_dot_rows<Bits, 1>(keys, query, row, sums, prefetch, first);
+    return true;
   }
 
   /// Channels c .. c + 15 of a row of codes (PortableVec::load_codes for the nibble order).
@@ -158,6 +167,66 @@ struct FloatVec {
   }
 
  private:
+  /// key_code_dots without VNNI for rows [row, row + Rows) (isa_avx2::FloatVec::code_dot_rows
+  /// on 16 tokens a vector).
+  template <int Bits, int Rows, class Prefetch>
+  static void code_dot_rows(const KeyQuads& keys, const std::int16_t* query, Index row,
+                            std::int32_t* sums, const Prefetch& prefetch, bool first) {
+    const Index padded = 4 * keys.quads, tokens = keys.quad_rows * (8 / Bits);
+    constexpr int kVectors = Bits == 8 ? 1 : 2;  // int4: a load's low and high nibbles
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    for (Index r0 = 0; r0 < keys.quad_rows; r0 += 16) {
+      __m512i acc[count(Rows)][kVectors][2];
+      #pragma GCC unroll 16
+      for (int r = 0; r < Rows; ++r)
+        #pragma GCC unroll 16
+        for (int i = 0; i < kVectors; ++i) acc[r][i][0] = acc[r][i][1] = _mm512_setzero_si512();
+      // Invariant: acc[r][i][h] lane 2m + p = the sum over quads < k of token
+      // (vector i, m + 8h)'s channels 4k' + 2p, 4k' + 2p + 1 times the query's.
+      for (Index k = 0; k < keys.quads; ++k) {
+        if (first && r0 == 0) prefetch(k);
+        const __m512i bytes = _mm512_loadu_si512(keys.codes + (k * keys.quad_rows + r0) * 4);
+        __m512i codes[kVectors];
+        if constexpr (Bits == 8) {
+          codes[0] = bytes;
+        } else {
+          codes[0] = _mm512_and_si512(bytes, nibble);
+          codes[kVectors - 1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
+        }
+        __m512i words[kVectors][2];
+        #pragma GCC unroll 16
+        for (int i = 0; i < kVectors; ++i) {
+          words[i][0] = _mm512_cvtepu8_epi16(_mm512_maskz_extracti64x4_epi64(0xFF, codes[i], 0));
+          words[i][1] = _mm512_cvtepu8_epi16(_mm512_maskz_extracti64x4_epi64(0xFF, codes[i], 1));
+        }
+        #pragma GCC unroll 16
+        for (int r = 0; r < Rows; ++r) {
+          std::int64_t four;
+          std::memcpy(&four, query + (row + r) * padded + 4 * k, sizeof four);
+          const __m512i q = _mm512_set1_epi64(four);
+          #pragma GCC unroll 16
+          for (int i = 0; i < kVectors; ++i)
+            #pragma GCC unroll 16
+            for (int h = 0; h < 2; ++h)
+              acc[r][i][h] = _mm512_add_epi32(acc[r][i][h], _mm512_madd_epi16(words[i][h], q));
+        }
+      }
+      #pragma GCC unroll 16
+      for (int r = 0; r < Rows; ++r)
+        #pragma GCC unroll 16
+        for (int i = 0; i < kVectors; ++i) {
+          // Lanes 2m and 2m + 1 of the two vectors: tokens 0-7 and 8-15, in order.
+          const __m512i dots =
+              _mm512_add_epi32(_mm512_permutex2var_epi32(acc[r][i][0], even, acc[r][i][1]),
+                               _mm512_permutex2var_epi32(acc[r][i][0], odd, acc[r][i][1]));
+          const Index token = i == 0 ? r0 : r0 + keys.quad_rows;
+          _mm512_storeu_si512(sums + (row + r) * tokens + token, dots);
+        }
+    }
+  }
+
   /// 128-bit quarter Q of x (the zero-masked extract: g++ 12 implements the cast to __m128
   /// with the plain one, whose undefined starting value it reports, as above).
   template <int Q>

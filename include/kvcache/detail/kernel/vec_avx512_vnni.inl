@@ -5,6 +5,23 @@
 // it is compiled for it: the rest of the AVX-512 variant runs on AVX-512 CPUs without VNNI.
 // (No include guard: the region includes it once; no includes: variants.hpp brings them.)
 
+/// acc + vpdpbusd(codes, the 4 signed bytes at `four` broadcast). Inline assembly under g++ and
+/// clang: the broadcast rides in the instruction's memory operand ({1to16}), and the
+/// accumulator stays in its register (g++ 12 copies each accumulator out and back around the
+/// intrinsic, which doubled the loop's instructions).
+KVCACHE_ALWAYS_INLINE __m512i dot_bytes(__m512i acc, __m512i codes, const std::int8_t* four) {
+#if defined(__GNUC__) || defined(__clang__)
+  __asm__("vpdpbusd %2%{1to16%}, %1, %0"
+          : "+v"(acc)
+          : "v"(codes), "m"(*reinterpret_cast<const std::int32_t*>(four)));
+  return acc;
+#else
+  std::int32_t bytes;
+  std::memcpy(&bytes, four, sizeof bytes);
+  return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(bytes));
+#endif
+}
+
 /// key_code_dots for rows [row, row + Rows) (the contract: isa_avx2::FloatVec::key_code_dots).
 /// vpdpbusd multiplies unsigned bytes by signed bytes, four to a 32-bit lane, and adds them to
 /// the lane: one 64-byte load of a quad is 16 token rows x 4 codes, so lane m sums token m's 4
@@ -43,14 +60,12 @@ void code_dot_rows(const KeyQuads& keys, const std::int8_t* low, const std::int8
       }
       #pragma GCC unroll 16
       for (int r = 0; r < Rows; ++r) {
-        std::int32_t four_low, four_high;
-        std::memcpy(&four_low, low + (row + r) * padded + 4 * k, sizeof four_low);
-        std::memcpy(&four_high, high + (row + r) * padded + 4 * k, sizeof four_high);
-        const __m512i q_low = _mm512_set1_epi32(four_low), q_high = _mm512_set1_epi32(four_high);
+        const std::int8_t* const q_low = low + (row + r) * padded + 4 * k;
+        const std::int8_t* const q_high = high + (row + r) * padded + 4 * k;
         #pragma GCC unroll 16
         for (int i = 0; i < kVectors; ++i) {
-          acc_low[r][i] = _mm512_dpbusd_epi32(acc_low[r][i], codes[i], q_low);
-          acc_high[r][i] = _mm512_dpbusd_epi32(acc_high[r][i], codes[i], q_high);
+          acc_low[r][i] = dot_bytes(acc_low[r][i], codes[i], q_low);
+          acc_high[r][i] = dot_bytes(acc_high[r][i], codes[i], q_high);
         }
       }
     }
