@@ -169,7 +169,7 @@ struct FloatVec {
     const Index rows_per_step = Bits == 8 ? 16 : 8;
     for (Index r0 = 0; r0 < keys.quad_rows; r0 += rows_per_step) {
       const bool whole = Bits == 4 || r0 + 16 <= keys.quad_rows;  // int8: a second load fits
-      __m256i acc[count(Rows)][kVectors][2];
+      __m256i acc[count(Rows)][count(kVectors)][2];
       #pragma GCC unroll 16
       for (int r = 0; r < Rows; ++r)
         #pragma GCC unroll 16
@@ -179,7 +179,7 @@ struct FloatVec {
       for (Index k = 0; k < keys.quads; ++k) {
         if (first && r0 == 0) prefetch(k);
         const std::uint8_t* at = keys.codes + (k * keys.quad_rows + r0) * 4;
-        __m256i codes[kVectors];
+        __m256i codes[count(kVectors)];
         if constexpr (Bits == 8) {
           codes[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
           codes[1] = whole ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + 32)) : codes[0];
@@ -188,7 +188,7 @@ struct FloatVec {
           codes[0] = _mm256_and_si256(bytes, nibble);
           codes[1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
         }
-        __m256i words[kVectors][2];
+        __m256i words[count(kVectors)][2];
         #pragma GCC unroll 16
         for (int i = 0; i < kVectors; ++i) {
           words[i][0] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(codes[i]));

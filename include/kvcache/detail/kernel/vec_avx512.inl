@@ -178,7 +178,7 @@ struct FloatVec {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     for (Index r0 = 0; r0 < keys.quad_rows; r0 += 16) {
-      __m512i acc[count(Rows)][kVectors][2];
+      __m512i acc[count(Rows)][count(kVectors)][2];
       #pragma GCC unroll 16
       for (int r = 0; r < Rows; ++r)
         #pragma GCC unroll 16
@@ -188,14 +188,14 @@ struct FloatVec {
       for (Index k = 0; k < keys.quads; ++k) {
         if (first && r0 == 0) prefetch(k);
         const __m512i bytes = _mm512_loadu_si512(keys.codes + (k * keys.quad_rows + r0) * 4);
-        __m512i codes[kVectors];
+        __m512i codes[count(kVectors)];
         if constexpr (Bits == 8) {
           codes[0] = bytes;
         } else {
           codes[0] = _mm512_and_si512(bytes, nibble);
           codes[kVectors - 1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
         }
-        __m512i words[kVectors][2];
+        __m512i words[count(kVectors)][2];
         #pragma GCC unroll 16
         for (int i = 0; i < kVectors; ++i) {
           words[i][0] = _mm512_cvtepu8_epi16(_mm512_maskz_extracti64x4_epi64(0xFF, codes[i], 0));

@@ -39,7 +39,7 @@ void code_dot_rows(const KeyQuads& keys, const std::int8_t* low, const std::int8
   const Index rows_per_step = Bits == 8 ? 32 : 16;
   for (Index r0 = 0; r0 < keys.quad_rows; r0 += rows_per_step) {
     const bool whole = Bits == 4 || r0 + 32 <= keys.quad_rows;  // int8: a second load fits
-    __m512i acc_low[count(Rows)][kVectors], acc_high[count(Rows)][kVectors];
+    __m512i acc_low[count(Rows)][count(kVectors)], acc_high[count(Rows)][count(kVectors)];
     #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r)
       #pragma GCC unroll 16
@@ -49,7 +49,7 @@ void code_dot_rows(const KeyQuads& keys, const std::int8_t* low, const std::int8
     for (Index k = 0; k < keys.quads; ++k) {
       if (first && r0 == 0) prefetch(k);
       const std::uint8_t* at = keys.codes + (k * keys.quad_rows + r0) * 4;
-      __m512i codes[kVectors];
+      __m512i codes[count(kVectors)];
       if constexpr (Bits == 8) {
         codes[0] = _mm512_loadu_si512(at);
         codes[1] = whole ? _mm512_loadu_si512(at + 64) : codes[0];
