@@ -302,18 +302,21 @@ TEMPLATE_TEST_CASE("a block table gives the bits of the same positions stored co
 
 // The integer scores of quantized blocks (detail/kernel/quantized_block.inl): every vector path
 // against the portable loop. They are exact int32 sums, so they must agree to the bit, at the
-// largest words integer_query_limit allows (no overflow) and at every shape the paths split
-// differently: quad rows a multiple of 8, 16 or 32 or not, 1 to 9 rows (4 at a time, then 1).
+// largest words integer_query allows (|word| <= 32512, a row's sum of |word| within
+// integer_sum_limit: no overflow) and at every shape the paths split differently: quad rows a
+// multiple of 8, 16 or 32 or not, 1 to 9 rows (4 at a time, then 1), rows of up to 4096 channels.
 TEMPLATE_TEST_CASE("integer key scores: every vector path == the portable loop", "[kernel][quantized]",
                    (std::integral_constant<int, 8>), (std::integral_constant<int, 4>)) {
   namespace kd = kvcache::detail;
   constexpr int Bits = TestType::value;
   const Index quad_rows = GENERATE(1, 8, 16, 24, 32, 48, 64);
-  const Index quads = GENERATE(1, 3, 32, 128);
+  const Index quads = GENERATE(1, 3, 32, 128, 1024);
   const Index num_rows = GENERATE(1, 4, 9);
   CAPTURE(quad_rows, quads, num_rows);
   const Index tokens = quad_rows * 8 / Bits, padded = 4 * quads;
-  const auto limit = static_cast<std::int32_t>(kd::isa_scalar::integer_query_limit<Bits>(padded));
+  REQUIRE(kd::isa_scalar::integer_scores_fit<Bits>(padded));
+  const auto limit = static_cast<std::int32_t>(kd::isa_scalar::kLargestQueryWord);
+  const auto sum_limit = static_cast<std::int64_t>(kd::isa_scalar::integer_sum_limit<Bits>());
   std::vector<std::uint8_t> codes(static_cast<std::size_t>(quads * quad_rows * 4));
   std::vector<std::int16_t> query(static_cast<std::size_t>(num_rows * padded));
   unsigned state = 12345;
@@ -323,8 +326,25 @@ TEMPLATE_TEST_CASE("integer key scores: every vector path == the portable loop",
   for (std::size_t i = 0; i < query.size(); ++i)  // +-limit in every seventh place
     query[i] = static_cast<std::int16_t>(i % 7 == 0 ? (i % 2 == 0 ? limit : -limit)
                                                     : std::int32_t(next() % (2u * limit + 1)) - limit);
-  // All words at +limit and all codes at the top: the largest sum there can be.
-  if (quads == 128) std::fill(query.begin(), query.begin() + padded, static_cast<std::int16_t>(limit));
+  // A row whose sum of |word| passes the limit is scaled down to it, as integer_query's step
+  // would (up to the rounding's half a word per channel).
+  for (Index row = 0; row < num_rows; ++row) {
+    std::int16_t* w = query.data() + row * padded;
+    std::int64_t total = 0;
+    for (Index c = 0; c < padded; ++c) total += std::abs(w[c]);
+    if (total > sum_limit)
+      for (Index c = 0; c < padded; ++c) {
+        const std::int64_t scaled = std::int64_t(w[c]) * sum_limit / total;
+        // Plus the rounding's excess, up to half a word a channel: one on every other one.
+        const std::int64_t excess = c % 2 == 1 && scaled != 0 ? (scaled > 0 ? 1 : -1) : 0;
+        w[c] = static_cast<std::int16_t>(scaled + excess);
+      }
+  }
+  // Row 0 with every word at the largest the limits allow, and every code of quad row 0 (key 0;
+  // int4: keys 0 and quad_rows) at the top: the largest sum there can be.
+  const auto largest = static_cast<std::int16_t>(std::min<std::int64_t>(limit, sum_limit / padded));
+  std::fill(query.begin(), query.begin() + padded, largest);
+  for (Index k = 0; k < quads; ++k) std::fill_n(codes.begin() + k * quad_rows * 4, 4, std::uint8_t{255});
   const kd::KeyQuads keys{codes.data(), quads, quad_rows};
   std::vector<std::int32_t> want(static_cast<std::size_t>(num_rows * tokens));
   kd::isa_scalar::key_code_dots_portable<Bits>(keys, query.data(), num_rows, want.data());

@@ -60,6 +60,7 @@ struct QuantizedRecord {
   /// What a record holds after its header, as read.
   struct Payload {
     std::vector<std::uint8_t> blocks;  ///< (batch, heads, num_blocks) blocks, little-endian
+    bool version_1 = false;            ///< blocks in format version 1, converted by build()
     KVRows<T> tail;
   };
 
@@ -132,14 +133,7 @@ struct QuantizedRecord {
     const Index num_blocks = h.batch_size * h.num_heads * (quantized / h.group_size);
     payload.blocks = reader.read_byte_array(static_cast<std::uint64_t>(num_blocks * stored_block_bytes),
                                             "quantized blocks");
-    if (version_1) {  // key codes from token rows into channel quads (quantization.hpp)
-      const QuantBlockFormat<Bits> format{h.group_size, h.head_dim};
-      std::vector<std::uint8_t> blocks(static_cast<std::size_t>(num_blocks * block_bytes));
-      for (Index i = 0; i < num_blocks; ++i)
-        block_from_version_1(payload.blocks.data() + i * stored_block_bytes, format,
-                             blocks.data() + i * block_bytes);
-      payload.blocks = std::move(blocks);
-    }
+    payload.version_1 = version_1;
     payload.tail = read_kv_rows<T>(reader, {h.batch_size, h.num_heads, h.position - quantized, h.head_dim},
                                    "tail keys", "tail values");
     return payload;
@@ -149,12 +143,20 @@ struct QuantizedRecord {
     Cache cache(h.batch_size, h.capacity, h.num_heads, h.head_dim, config_of(h));
     const Index num_blocks = h.quantized_positions / h.group_size;
     const auto block_bytes = static_cast<std::size_t>(cache.format_.block_bytes());
+    // A version 1 block is converted straight into its place (its key codes into channel
+    // quads, quantization.hpp): no second copy of the blocks.
+    const auto stored_bytes = payload.version_1
+                                  ? static_cast<std::size_t>(version_1_block_bytes(cache.format_))
+                                  : block_bytes;
     const std::uint8_t* next = payload.blocks.data();
     for (Index b = 0; b < h.batch_size; ++b)
       for (Index head = 0; head < h.num_heads; ++head)
-        for (Index i = 0; i < num_blocks; ++i, next += block_bytes) {
+        for (Index i = 0; i < num_blocks; ++i, next += stored_bytes) {
           std::uint8_t* block = cache.block_at(b, head, i);
-          std::copy_n(next, block_bytes, block);
+          if (payload.version_1)
+            block_from_version_1(next, cache.format_, block);
+          else
+            std::copy_n(next, block_bytes, block);
           reorder_scale_arrays_little_endian(block, cache.format_);
         }
     const Index tail_length = h.position - h.quantized_positions;

@@ -41,40 +41,70 @@ void key_code_dots_portable(const KeyQuads& keys, const std::int16_t* query, Ind
   }
 }
 
+/// The largest magnitude of an integer query word: 127 * 256, so a word splits into two
+/// signed bytes (the VNNI path's w = 256 hi + lo).
+inline constexpr float kLargestQueryWord = 32512;
+
+/// The largest sum of |word| over a query row's channels for Bits-bit codes, 2^30 / levels: a
+/// sum of words times codes then stays within 2^30 (plus levels * padded / 2 for the rounding),
+/// and the VNNI path's 256 * (sum of high bytes times codes) within 2^31 when integer_scores_fit.
+template <int Bits>
+constexpr float integer_sum_limit() {
+  return static_cast<float>((std::int64_t(1) << 30) / std::int64_t(QuantBlockFormat<Bits>::levels));
+}
+
+/// Whether blocks of `padded` channels can take the integer scores: levels * padded * 129 <
+/// 2^30, so the rounding's half steps and the high bytes' offsets cannot reach 2^31 either
+/// (padded up to 32,640 channels for int8).
+template <int Bits>
+constexpr bool integer_scores_fit(Index padded) {
+  return Index(QuantBlockFormat<Bits>::levels) * padded * 129 < (Index(1) << 30);
+}
+
 /// The folded query rows of a block as integers for the integer scores: words[r * padded + c]
-/// = folded[r][c] / steps[r] rounded to the nearest integer, steps[r] = max_c |folded[r][c]| /
-/// limit, so |word| <= limit and each folded value is off by at most half a step (channels
-/// [head_dim, padded) are 0). False when some folded value is infinite or NaN, or the step
-/// would underflow: such a block takes the float scores, which propagate them as the
-/// reference does.
+/// = folded[r][c] / steps[r] rounded to the nearest integer, the step the larger of
+/// max_c |folded[r][c]| / kLargestQueryWord and sum_c |folded[r][c]| / sum_limit (the second
+/// only for long rows of even magnitudes: it keeps every sum of words times codes within
+/// int32), so each folded value is off by at most half a step; channels [head_dim, padded)
+/// are 0. False when some folded value is infinite or NaN, their sum overflows, or the step
+/// would underflow: such a block takes the float scores, which propagate them as the reference
+/// does.
 template <class V>
-bool integer_query(const float* folded, Index num_rows, Index head_dim, Index padded, float limit,
-                   std::int16_t* words, float* steps) {
+bool integer_query(const float* folded, Index num_rows, Index head_dim, Index padded,
+                   float sum_limit, std::int16_t* words, float* steps) {
+  constexpr float kInfinity = std::numeric_limits<float>::infinity();
   for (Index row = 0; row < num_rows; ++row) {
     const float* f = folded + row * head_dim;
     std::int16_t* w = words + row * padded;
-    // top = max |f[c]|; poison = sum of f[c] * 0: 0 unless some f[c] is infinite or NaN.
-    float top = 0, poison = 0;
+    // top = max |f[c]|, total = sum |f[c]|; poison = sum of f[c] * 0: 0 unless some f[c] is
+    // infinite or NaN.
+    float top = 0, total = 0, poison = 0;
     Index c = 0;
     if (head_dim >= V::width) {
-      V high = V::zero(), bad = V::zero();
+      V high = V::zero(), sum = V::zero(), bad = V::zero();
       const V minus_one = V::broadcast(-1.0f), zero = V::zero();
       for (; c + V::width <= head_dim; c += V::width) {
         const V x = V::load(f + c);
-        high = V::max(V::max(x, V::mul(x, minus_one)), high);
+        const V magnitude = V::max(x, V::mul(x, minus_one));
+        high = V::max(magnitude, high);
+        sum = V::add(sum, magnitude);
         bad = V::add(bad, V::mul(x, zero));
       }
       top = V::max_lanes(high);
+      total = V::sum_lanes(sum);
       poison = V::sum_lanes(bad);
     }
     for (; c < head_dim; ++c) {
       top = std::max(top, std::abs(f[c]));
+      total += std::abs(f[c]);
       poison += f[c] * 0.0f;
     }
-    const float scale = limit / top;
-    if (poison != 0.0f || !(top < std::numeric_limits<float>::infinity())) return false;
-    if (top > 0 && !(scale < std::numeric_limits<float>::infinity())) return false;
-    steps[row] = top / limit;
+    if (poison != 0.0f || !(total < kInfinity)) return false;
+    // scale = 1 / step, each computed from its own quotient (both correctly rounded).
+    const bool by_top = top / kLargestQueryWord >= total / sum_limit;
+    const float scale = by_top ? kLargestQueryWord / top : sum_limit / total;
+    if (top > 0 && !(scale < kInfinity)) return false;
+    steps[row] = by_top ? top / kLargestQueryWord : total / sum_limit;
     c = 0;
     if (top > 0) {
       const V by = V::broadcast(scale);
@@ -283,15 +313,6 @@ bool may_need_clamp(const Acc* scales, const Acc* zeros, Index count) {
   return !(reach < static_cast<Acc>(kBfloat16Max));
 }
 
-/// The largest integer query word for blocks of `padded` channels: every sum of products of
-/// words and codes stays within 2^30 (int32, with room for the VNNI path's 256 hi + lo); at
-/// most 32512 = 127 * 256, so a word splits into two signed bytes.
-template <int Bits>
-float integer_query_limit(Index padded) {
-  const Index bound = (Index(1) << 30) / (Index(QuantBlockFormat<Bits>::levels) * padded);
-  return static_cast<float>(std::min<Index>(32512, bound));
-}
-
 template <int Bits, class Acc>
 void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
                              const ScoreParams<Acc>& score, const ItemRows<Acc>& rows,
@@ -317,9 +338,7 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
   auto* const words = reinterpret_cast<std::int16_t*>(steps + num_rows);
   auto* const split = reinterpret_cast<std::int8_t*>(words + num_rows * padded);
   auto* const sums = reinterpret_cast<std::int32_t*>(steps + num_rows + num_rows * padded);
-  // Integer scores where the query keeps at least 13 bits (head_dim up to 512 for int8).
-  const float limit = integer_query_limit<Bits>(padded);
-  const bool integer_scores = std::is_same_v<Acc, float> && limit >= 8192;
+    const bool integer_scores = std::is_same_v<Acc, float> && integer_scores_fit<Bits>(padded);
   // Values dequantize in registers when a vector lies in one value group.
   const bool whole_vectors = group % V::width == 0 && head_dim % V::width == 0;
 
@@ -353,9 +372,10 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
                            format.block_bytes() - format.value_codes_offset(), keys.quads);
     bool scored = false;
     if constexpr (std::is_same_v<Acc, float>) {
-      // Integer dot products of the folded query, rounded to `limit` steps, with the codes;
-      // times the step they are the scores to within half a step per channel.
-      if (integer_scores && integer_query<V>(folded, num_rows, head_dim, padded, limit, words, steps)) {
+      // Integer dot products of the folded query, rounded to steps, with the codes; times the
+      // step they are the scores to within half a step per channel.
+      if (integer_scores && integer_query<V>(folded, num_rows, head_dim, padded,
+                                             integer_sum_limit<Bits>(), words, steps)) {
         if (!V::template key_code_dots<Bits>(keys, words, num_rows, sums, split, values_ahead)) {
           key_code_dots_portable<Bits>(keys, words, num_rows, sums);
           for (Index k = 0; k < keys.quads; ++k) values_ahead(k);

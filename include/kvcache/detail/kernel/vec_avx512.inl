@@ -48,11 +48,11 @@ struct FloatVec {
   /// AVX-512 VNNI, vpdpbusd on 64 codes at a time (detail/kernel/vec_avx512_vnni.inl); without
   /// (Skylake-SP generation), the AVX2 variant's vpmaddwd loop on 512-bit vectors: a 64-byte
   /// load is 16 token rows, widened to two vectors of 8 tokens' 16-bit codes. Quad rows not a
-  /// multiple of 16 take the AVX2 loop itself.
+  /// multiple of 16 take the AVX2 loop itself (with or without VNNI).
   template <int Bits, class Prefetch>
   static bool key_code_dots(const KeyQuads& keys, const std::int16_t* query, Index num_rows,
                             std::int32_t* sums, std::int8_t* split, const Prefetch& prefetch) {
-    if (selected_isa() == Isa::kAvx512Vnni)
+    if (selected_isa() == Isa::kAvx512Vnni && keys.quad_rows % 16 == 0)
       return isa_avx512_vnni::key_code_dots<Bits>(keys, query, num_rows, sums, split, prefetch);
     if (keys.quad_rows % 16 != 0)
       return isa_avx2::FloatVec::key_code_dots<Bits>(keys, query, num_rows, sums, split, prefetch);
