@@ -24,7 +24,8 @@
 //    of the times each position was quantized, and quantized_size();
 //  * attend() against tests/support/reference.hpp (naive double attention over the model's
 //    tokens; for int8/int4 over the cache's own keys()/values(), as the unit tests do), within
-//    a tolerance scaled by the score magnitude; a thread pool's result bit for bit the serial
+//    a tolerance scaled by the score magnitude (for int8/int4 plus the integer scores' query
+//    rounding); a thread pool's result bit for bit the serial
 //    one.
 // Any difference aborts (a finding). Run with --write-seeds=DIR to write the seed corpus.
 //
@@ -299,8 +300,11 @@ class Driver {
       const Index tail_slots = std::max<Index>(
           1, std::min(std::max(config_.residual_length, config_.group_size - 1), cap_));
       const Index max_blocks = (cap_ - tail_length(cap_, config_)) / config_.group_size;
+      // Key codes in channel quads (4 bytes per quad of channels and row of tokens, int4 two
+      // tokens a row), value codes as token rows padded to even, 8 bytes of scales a channel.
+      const Index key_codes = (D_ + 3) / 4 * (config_.group_size * kBits / 8) * 4;
       const Index raw = config_.group_size * D_ * kBits / 8;
-      const Index block_bytes = 2 * (raw + raw % 2) + 8 * D_;
+      const Index block_bytes = key_codes + (raw + raw % 2) + 8 * D_;
       return static_cast<std::size_t>(B_ * H_ * max_blocks * block_bytes) +
              per_position * static_cast<std::size_t>(tail_slots);
     }
@@ -802,7 +806,17 @@ class Driver {
         kvtest::reference_attention<L>(q, keys, values, positions, position - q_len, rules);
     const double scale = options.scale ? std::abs(double(*options.scale)) : 1.0 / std::sqrt(double(D_));
     const double score_bound = scale * double(D_) * mq * mk;
-    const double tol = kvtest::tolerance<T>() * std::max(1.0, score_bound) * std::max(1.0, mv);
+    double tol = kvtest::tolerance<T>() * std::max(1.0, score_bound) * std::max(1.0, mv);
+    if constexpr (kQuantized && !std::is_same_v<T, double>) {
+      // The kernel rounds the key-scale-folded query to steps of max(max|f| / 32512,
+      // sum|f| * levels / 2^30) per row and block (docs/kernel.md, "Integer scores"), and
+      // |f| <= scale * mq * 2 mk / levels: a score moves by at most half a step times the sum of
+      // its codes, score_bound * max(2 / 65024, D * levels / 2^30), an output by twice that
+      // times the largest value.
+      const double levels = K == Kind::int8 ? 255.0 : 15.0;
+      const double rounding = std::max(2.0 / 65024.0, double(D_) * levels / 1073741824.0);
+      tol += 2.2 * rounding * std::max(1.0, score_bound) * std::max(1.0, mv);
+    }
     const double err = kvtest::max_abs_diff(out, want_out);
     if (counting()) {
       count(text(kind_name(), " attend compared with the reference", q_len > 1 ? " (q_len > 1)" : "",
