@@ -116,29 +116,21 @@ bool integer_query(const float* folded, Index num_rows, Index head_dim, Index pa
   return true;
 }
 
-/// The float scores of a block's keys (no zero term): out[r * tokens + t] = sum_c folded[r][c]
-/// * key code (t, c), quad by quad. For double, and for a float block whose folded query is
-/// not finite.
+/// rows[t * head_dim + c] = key code (t, c) as Acc, for every token of a block: the quads
+/// read in order.
 template <int Bits, class Acc>
-void key_scores_by_quads(const KeyQuads& keys, const Acc* folded, Index num_rows, Index head_dim,
-                         Acc* out) {
+void codes_as_rows(const KeyQuads& keys, Index head_dim, Acc* rows) {
   constexpr Index per_byte = 8 / Bits;
   constexpr unsigned levels = (1u << Bits) - 1u;
-  const Index tokens = keys.quad_rows * per_byte;
-  for (Index row = 0; row < num_rows; ++row) {
-    const Acc* f = folded + row * head_dim;
-    Acc* o = out + row * tokens;
-    std::fill_n(o, tokens, Acc(0));
-    for (Index k = 0; k < keys.quads; ++k)
-      for (Index r = 0; r < keys.quad_rows; ++r) {
-        const std::uint8_t* at = keys.codes + (k * keys.quad_rows + r) * 4;
-        for (Index part = 0; part < per_byte; ++part) {
-          Acc dot = 0;
-          for (Index j = 0; j < 4 && 4 * k + j < head_dim; ++j)
-            dot += f[4 * k + j] * static_cast<Acc>((at[j] >> (Bits * part)) & levels);
-          o[part * keys.quad_rows + r] += dot;
-        }
+  for (Index k = 0; k < keys.quads; ++k) {
+    const Index channels = std::min<Index>(4, head_dim - 4 * k);
+    for (Index r = 0; r < keys.quad_rows; ++r) {
+      const std::uint8_t* at = keys.codes + (k * keys.quad_rows + r) * 4;
+      for (Index part = 0; part < per_byte; ++part) {
+        Acc* row = rows + (part * keys.quad_rows + r) * head_dim + 4 * k;
+        for (Index j = 0; j < channels; ++j) row[j] = static_cast<Acc>((at[j] >> (Bits * part)) & levels);
       }
+    }
   }
 }
 
@@ -392,8 +384,11 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
       }
     }
     if (!scored) {
-      key_scores_by_quads<Bits>(keys, folded, num_rows, head_dim, weights);
-      for (Index k = 0; k < keys.quads; ++k) values_ahead(k);
+      // double, or a float block whose folded query is not finite: the codes as Acc rows (in
+      // `values`, free until the value phase), then the T blocks' tiles over them.
+      codes_as_rows<Bits>(keys, head_dim, values);
+      score_block<Stored<Acc>>(folded, num_rows, head_dim, RowsOf<Acc>{nullptr, values, head_dim},
+                               group, weights, group, [&](Index j) { values_ahead(j * keys.quads / group); });
     }
     // Online softmax update per row; weights become exp(s - max), 0 where masked.
     for (Index row = 0; row < num_rows; ++row) {
