@@ -196,6 +196,9 @@ struct SpreadPrefetch {
   }
 };
 
+/// How many blocks ahead attend_quantized_blocks fetches: 2 (see there).
+inline constexpr Index kQuantBlocksAhead = 2;
+
 /// Columns [c, c + Strip * width) of acc[r] += sum_t w[r][t] * (zero[t][g] + scale[t][g] *
 /// code[t][c]) for Rows rows over the n tokens of a block: each value vector is dequantized in
 /// registers (one FMA, its group's zero and scale broadcast; group a multiple of the width, so a
@@ -239,6 +242,64 @@ KVCACHE_ALWAYS_INLINE void accumulate_codes_strip(Acc* const* acc, const Acc* we
     for (int s = 0; s < Strip; ++s) lane[r][s].store(acc[r] + c + s * kWidth);
 }
 
+/// accumulate_codes_strip for 4-bit codes over Pairs pairs of vectors, columns [c, c + 2 * Pairs
+/// * width), each pair's 2 * width channels in one value group. A pair loads by parity
+/// (V::load_nibble_pairs: the low and high nibbles of the same bytes, a mask and a shift, where
+/// channel order would take a byte interleave per vector), so the accumulators are held by
+/// parity too: deinterleaved once when loaded, interleaved back once when stored, per block.
+/// Each element receives the operations of accumulate_codes_strip, in the same order.
+template <int Rows, int Pairs, class Acc, class Prefetch>
+KVCACHE_ALWAYS_INLINE void accumulate_nibble_strip(Acc* const* acc, const Acc* weights,
+                                                   Index weight_stride, const std::uint8_t* codes,
+                                                   Index row_bytes, const Acc* scales,
+                                                   const Acc* zeros, Index groups, Index group,
+                                                   Index n, Index c, const Prefetch& prefetch) {
+  using V = VecOf<Acc>;
+  constexpr Index kWidth = V::width;
+  Index group_of[count(Pairs)];
+  #pragma GCC unroll 16
+  for (int p = 0; p < Pairs; ++p) group_of[p] = (c + 2 * p * kWidth) / group;
+  V even[count(Rows)][count(Pairs)], odd[count(Rows)][count(Pairs)];
+  #pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r)
+    #pragma GCC unroll 16
+    for (int p = 0; p < Pairs; ++p)
+      V::deinterleave(V::load(acc[r] + c + 2 * p * kWidth), V::load(acc[r] + c + (2 * p + 1) * kWidth),
+                      even[r][p], odd[r][p]);
+  // Invariant: lane i of even[r][p] (odd[r][p]) = acc[r][c + 2p * kWidth + 2i (+ 1)] plus the
+  // terms of tokens < t.
+  for (Index t = 0; t < n; ++t) {
+    prefetch(t);
+    V value_even[count(Pairs)], value_odd[count(Pairs)];
+    #pragma GCC unroll 16
+    for (int p = 0; p < Pairs; ++p) {
+      V::load_nibble_pairs(codes + t * row_bytes, c + 2 * p * kWidth, value_even[p], value_odd[p]);
+      const V scale = V::broadcast(scales[t * groups + group_of[p]]);
+      const V zero = V::broadcast(zeros[t * groups + group_of[p]]);
+      value_even[p] = V::mul_add(value_even[p], scale, zero);
+      value_odd[p] = V::mul_add(value_odd[p], scale, zero);
+    }
+    #pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r) {
+      const V w = V::broadcast(weights[r * weight_stride + t]);
+      #pragma GCC unroll 16
+      for (int p = 0; p < Pairs; ++p) {
+        even[r][p] = V::mul_add(w, value_even[p], even[r][p]);
+        odd[r][p] = V::mul_add(w, value_odd[p], odd[r][p]);
+      }
+    }
+  }
+  #pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r)
+    #pragma GCC unroll 16
+    for (int p = 0; p < Pairs; ++p) {
+      V low, high;
+      V::interleave(even[r][p], odd[r][p], low, high);
+      low.store(acc[r] + c + 2 * p * kWidth);
+      high.store(acc[r] + c + (2 * p + 1) * kWidth);
+    }
+}
+
 /// acc += P V for every row of a unit over the n tokens of a block whose value groups are whole
 /// vectors (head_dim and group multiples of the width), dequantizing in registers:
 /// accumulate_codes_strip over strips of V::accumulator_strip vectors, four rows at a time,
@@ -258,6 +319,26 @@ void accumulate_codes(const ItemRows<Acc>& rows, const Acc* weights, Index weigh
     for (int r = 0; r < kRows; ++r) acc[r] = rows.accumulators + (row + r) * head_dim;
     const Acc* w = weights + row * weight_stride;
     Index c = 0;
+    if constexpr (Bits == 4) {
+      // Pairs of vectors by parity where a pair lies in one group (the default group 32 with
+      // 16 or 8 lanes): kStrip vectors at a time, then one pair.
+      constexpr int kPairs = kStrip / 2 > 0 ? kStrip / 2 : 1;
+      auto pairs = [&](auto pairs_tag) {
+        constexpr int kCount = decltype(pairs_tag)::value;
+        for (; c + 2 * kCount * V::width <= head_dim; c += 2 * kCount * V::width, first = false) {
+          if (first)
+            accumulate_nibble_strip<kRows, kCount>(acc, w, weight_stride, codes, row_bytes, scales,
+                                                   zeros, groups, group, n, c, prefetch);
+          else
+            accumulate_nibble_strip<kRows, kCount>(acc, w, weight_stride, codes, row_bytes, scales,
+                                                   zeros, groups, group, n, c, none);
+        }
+      };
+      if (group % (2 * V::width) == 0) {
+        pairs(std::integral_constant<int, kPairs>{});
+        if constexpr (kPairs > 1) pairs(std::integral_constant<int, 1>{});
+      }
+    }
     for (; c + kStrip * V::width <= head_dim; c += kStrip * V::width, first = false) {
       if (first)
         accumulate_codes_strip<kRows, kStrip, Bits>(acc, w, weight_stride, codes, row_bytes,
@@ -330,12 +411,21 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
   auto* const words = reinterpret_cast<std::int16_t*>(steps + num_rows);
   auto* const split = reinterpret_cast<std::int8_t*>(words + num_rows * padded);
   auto* const sums = reinterpret_cast<std::int32_t*>(steps + num_rows + num_rows * padded);
-    const bool integer_scores = std::is_same_v<Acc, float> && integer_scores_fit<Bits>(padded);
+  const bool integer_scores = std::is_same_v<Acc, float> && integer_scores_fit<Bits>(padded);
   // Values dequantize in registers when a vector lies in one value group.
   const bool whole_vectors = group % V::width == 0 && head_dim % V::width == 0;
 
   const std::uint8_t* const head_blocks = seg.blocks + rows.batch_idx * seg.batch_stride +
                                          rows.kv_head_idx * seg.head_stride;
+  // Block b + kQuantBlocksAhead is fetched while block b is computed: its first half of lines
+  // during the scores, a share per key quad, the rest during the value sums, a share per token.
+  // A line then arrives a whole block's time (~0.5 us at D 128) before it is used; fetched one
+  // block ahead, the last lines asked for (the next block's key scales) were still on their way
+  // from DRAM when the next block began with them. The first blocks are asked for up front.
+  const Index block_bytes = seg.bytes_per_block;
+  const Index half_block = (block_bytes / 2 + kCacheLine - 1) / kCacheLine * kCacheLine;
+  for (Index b = 0; b < std::min<Index>(kQuantBlocksAhead, seg.num_blocks); ++b)
+    SpreadPrefetch::of(head_blocks + b * block_bytes, block_bytes, 1)(0);
   for (Index block_idx = 0; block_idx < seg.num_blocks; ++block_idx) {
     const std::uint8_t* const block = head_blocks + block_idx * seg.bytes_per_block;
     const Index first_p = seg.first_position + block_idx * group;
@@ -354,31 +444,30 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
     }
     score_block<Stored<Acc>>(rows.queries, num_rows, head_dim, RowsOf<Acc>{nullptr, key_zeros, 0}, 1,
                              zero_terms, 1, [](Index) {});
-    // Scores: the key codes are read once for all rows. Meanwhile this block's values (codes,
-    // zeros, scales) are fetched, a share per key quad, and the value phase fetches the next
-    // block's keys: each stream arrives one phase before it is used.
-    const std::uint8_t* const next = block_idx + 1 < seg.num_blocks ? block + seg.bytes_per_block
-                                                                    : nullptr;
-    const SpreadPrefetch values_ahead =
-        SpreadPrefetch::of(block + format.value_codes_offset(),
-                           format.block_bytes() - format.value_codes_offset(), keys.quads);
+    // Scores: the key codes are read once for all rows.
+    const std::uint8_t* const ahead = block_idx + kQuantBlocksAhead < seg.num_blocks
+                                          ? block + kQuantBlocksAhead * block_bytes
+                                          : nullptr;
+    const SpreadPrefetch first_half = SpreadPrefetch::of(ahead, half_block, keys.quads);
     bool scored = false;
     if constexpr (std::is_same_v<Acc, float>) {
       // Integer dot products of the folded query, rounded to steps, with the codes; times the
       // step they are the scores to within half a step per channel.
       if (integer_scores && integer_query<V>(folded, num_rows, head_dim, padded,
                                              integer_sum_limit<Bits>(), words, steps)) {
-        if (!V::template key_code_dots<Bits>(keys, words, num_rows, sums, split, values_ahead)) {
+        if (!V::template key_code_dots<Bits>(keys, words, num_rows, sums, split, first_half)) {
           key_code_dots_portable<Bits>(keys, words, num_rows, sums);
-          for (Index k = 0; k < keys.quads; ++k) values_ahead(k);
+          for (Index k = 0; k < keys.quads; ++k) first_half(k);
         }
+        // The scores: sum times step plus the zero term, in one pass.
         for (Index row = 0; row < num_rows; ++row) {
           const std::int32_t* from = sums + row * group;
           Acc* w = weights + row * group;
-          const V step = V::broadcast(steps[row]);
+          const V step = V::broadcast(steps[row]), zero_term = V::broadcast(zero_terms[row]);
           Index j = 0;
-          for (; j + V::width <= group; j += V::width) V::mul(V::load(from + j), step).store(w + j);
-          for (; j < group; ++j) w[j] = static_cast<Acc>(from[j]) * steps[row];
+          for (; j + V::width <= group; j += V::width)
+            V::mul_add(V::load(from + j), step, zero_term).store(w + j);
+          for (; j < group; ++j) w[j] = static_cast<Acc>(from[j]) * steps[row] + zero_terms[row];
         }
         scored = true;
       }
@@ -388,31 +477,35 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
       // `values`, free until the value phase), then the T blocks' tiles over them.
       codes_as_rows<Bits>(keys, head_dim, values);
       score_block<Stored<Acc>>(folded, num_rows, head_dim, RowsOf<Acc>{nullptr, values, head_dim},
-                               group, weights, group, [&](Index j) { values_ahead(j * keys.quads / group); });
+                               group, weights, group, SpreadPrefetch::of(ahead, half_block, group));
+      for (Index row = 0; row < num_rows; ++row) {
+        // In vectors: softmax_step reads the scores back as vectors, which scalar stores would
+        // keep waiting on store forwarding.
+        Acc* w = weights + row * group;
+        const V zero_term = V::broadcast(zero_terms[row]);
+        Index j = 0;
+        for (; j + V::width <= group; j += V::width) V::add(V::load(w + j), zero_term).store(w + j);
+        for (; j < group; ++j) w[j] += zero_terms[row];
+      }
     }
     // Online softmax update per row; weights become exp(s - max), 0 where masked.
     for (Index row = 0; row < num_rows; ++row) {
       Acc* w = weights + row * group;
-      // In vectors: softmax_step reads the scores back as vectors, which scalar stores would
-      // keep waiting on store forwarding.
-      const V zero_term = V::broadcast(zero_terms[row]);
-      Index j = 0;
-      for (; j + V::width <= group; j += V::width) V::add(V::load(w + j), zero_term).store(w + j);
-      for (; j < group; ++j) w[j] += zero_terms[row];
       if (score.softcap > 0) {
         Eigen::Map<Eigen::Array<Acc, 1, Eigen::Dynamic>> s_row(w, group);
         s_row = score.softcap * (s_row * (Acc(1) / score.softcap)).tanh();
       }
       softmax_step(rows, row, mask, score, w, group, first_p);
     }
-    const SpreadPrefetch next_keys = SpreadPrefetch::of(next, format.value_codes_offset(), group);
+    const SpreadPrefetch second_half =
+        SpreadPrefetch::of(ahead == nullptr ? nullptr : ahead + half_block, block_bytes - half_block, group);
     widen_bfloat16(block + format.value_scales_offset(), head_dim, value_scales);
     widen_bfloat16(block + format.value_zeros_offset(), head_dim, value_zeros);
     if (whole_vectors && !may_need_clamp<Bits>(value_scales, value_zeros, head_dim)) {
       accumulate_codes<Bits>(rows, weights, group, block + format.value_codes_offset(), row_bytes,
-                             value_scales, value_zeros, group, group, next_keys);
+                             value_scales, value_zeros, group, group, second_half);
     } else {
-      for (Index t = 0; t < group; ++t) next_keys(t);
+      for (Index t = 0; t < group; ++t) second_half(t);
       dequantize_values(block, format, group, values);
       accumulate_all_rows<Stored<Acc>>(rows.accumulators, num_rows, head_dim, head_dim, weights,
                                        group, RowsOf<Acc>{nullptr, values, head_dim}, group);

@@ -82,6 +82,29 @@ struct FloatVec {
     }
   }
 
+  /// The 4-bit codes of channels c .. c + 15 of a code row (c even), by parity: even lane i =
+  /// channel c + 2i, odd lane i = channel c + 2i + 1 - the low and high nibbles of byte
+  /// c / 2 + i, so one 8-byte load, a mask and a shift, no byte shuffle.
+  static void load_nibble_pairs(const std::uint8_t* row, Index c, FloatVec& even, FloatVec& odd) {
+    const __m256i bytes =
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c / 2)));
+    even = {_mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(0x0F)))};
+    odd = {_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4))};
+  }
+  /// even = lanes 0, 2, .., 14 of the 16 lanes (a, b), odd = lanes 1, 3, .., 15.
+  static void deinterleave(FloatVec a, FloatVec b, FloatVec& even, FloatVec& odd) {
+    // Within each 128-bit half: a0 a2 b0 b2 | a4 a6 b4 b6; the 64-bit pairs then reordered.
+    const __m256 e = _mm256_shuffle_ps(a.v, b.v, 0x88), o = _mm256_shuffle_ps(a.v, b.v, 0xDD);
+    even = {_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xD8))};
+    odd = {_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), 0xD8))};
+  }
+  /// The inverse of deinterleave: (a, b) = even 0, odd 0, even 1, odd 1, ...
+  static void interleave(FloatVec even, FloatVec odd, FloatVec& a, FloatVec& b) {
+    const __m256 low = _mm256_unpacklo_ps(even.v, odd.v), high = _mm256_unpackhi_ps(even.v, odd.v);
+    a = {_mm256_permute2f128_ps(low, high, 0x20)};
+    b = {_mm256_permute2f128_ps(low, high, 0x31)};
+  }
+
   static FloatVec mul_add(FloatVec a, FloatVec b, FloatVec c) {
     return {_mm256_fmadd_ps(a.v, b.v, c.v)};
   }

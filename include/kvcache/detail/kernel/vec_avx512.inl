@@ -79,6 +79,30 @@ struct FloatVec {
     }
   }
 
+  /// The 4-bit codes of channels c .. c + 31 of a code row (c even), by parity: even lane i =
+  /// channel c + 2i, odd lane i = channel c + 2i + 1 - the low and high nibbles of byte
+  /// c / 2 + i, so one 16-byte load, a mask and a shift, no byte shuffle.
+  static void load_nibble_pairs(const std::uint8_t* row, Index c, FloatVec& even, FloatVec& odd) {
+    const __m512i bytes = _mm512_maskz_cvtepu8_epi32(
+        kAll, _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2)));
+    even = {_mm512_maskz_cvtepi32_ps(kAll, _mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)))};
+    odd = {_mm512_maskz_cvtepi32_ps(kAll, _mm512_maskz_srli_epi32(kAll, bytes, 4))};
+  }
+  /// even = lanes 0, 2, .., 30 of the 32 lanes (a, b), odd = lanes 1, 3, .., 31.
+  static void deinterleave(FloatVec a, FloatVec b, FloatVec& even, FloatVec& odd) {
+    const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    even = {_mm512_permutex2var_ps(a.v, evens, b.v)};
+    odd = {_mm512_permutex2var_ps(a.v, odds, b.v)};
+  }
+  /// The inverse of deinterleave: (a, b) = even 0, odd 0, even 1, odd 1, ...
+  static void interleave(FloatVec even, FloatVec odd, FloatVec& a, FloatVec& b) {
+    const __m512i low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    a = {_mm512_permutex2var_ps(even.v, low, odd.v)};
+    b = {_mm512_permutex2var_ps(even.v, high, odd.v)};
+  }
+
   static FloatVec mul_add(FloatVec a, FloatVec b, FloatVec c) {
     return {_mm512_fmadd_ps(a.v, b.v, c.v)};
   }

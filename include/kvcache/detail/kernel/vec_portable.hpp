@@ -104,6 +104,43 @@ struct PortableVec {
     return r;
   }
 
+  /// The 4-bit codes of channels c .. c + 2W - 1 of a code row (c even), by parity: even lane
+  /// i = channel c + 2i (the low nibble of byte c / 2 + i), odd lane i = channel c + 2i + 1
+  /// (its high nibble).
+  static void load_nibble_pairs(const std::uint8_t* row, Index c, PortableVec& even, PortableVec& odd) {
+    PortableVec low = zero(), high = zero();  // every lane is set below
+    #pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) {
+      const unsigned byte = row[c / 2 + i];
+      low.v[i] = static_cast<Acc>(byte & 0x0Fu);
+      high.v[i] = static_cast<Acc>(byte >> 4);
+    }
+    even = low;
+    odd = high;
+  }
+  /// even = lanes 0, 2, .., 2W - 2 of the 2W lanes (a, b), odd = lanes 1, 3, .., 2W - 1.
+  static void deinterleave(PortableVec a, PortableVec b, PortableVec& even, PortableVec& odd) {
+    PortableVec e = zero(), o = zero();  // every lane is set below
+    #pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) {
+      e.v[i] = (2 * i < W ? a : b).v[(2 * i) % W];
+      o.v[i] = (2 * i + 1 < W ? a : b).v[(2 * i + 1) % W];
+    }
+    even = e;
+    odd = o;
+  }
+  /// The inverse of deinterleave: (a, b) = even 0, odd 0, even 1, odd 1, ...
+  static void interleave(PortableVec even, PortableVec odd, PortableVec& a, PortableVec& b) {
+    PortableVec low = zero(), high = zero();  // every lane is set below
+    #pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) {
+      (2 * i < W ? low : high).v[(2 * i) % W] = even.v[i];
+      (2 * i + 1 < W ? low : high).v[(2 * i + 1) % W] = odd.v[i];
+    }
+    a = low;
+    b = high;
+  }
+
   static PortableVec mul_add(PortableVec a, PortableVec b, PortableVec c) {
     PortableVec r;
     #pragma GCC unroll 16
