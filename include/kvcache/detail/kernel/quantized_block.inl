@@ -76,30 +76,27 @@ bool integer_query(const float* folded, Index num_rows, Index head_dim, Index pa
   for (Index row = 0; row < num_rows; ++row) {
     const float* f = folded + row * head_dim;
     std::int16_t* w = words + row * padded;
-    // top = max |f[c]|, total = sum |f[c]|; poison = sum of f[c] * 0: 0 unless some f[c] is
-    // infinite or NaN.
-    float top = 0, total = 0, poison = 0;
+    // top = max |f[c]|, total = sum |f[c]|: infinite or NaN when some f[c] is (|NaN| is NaN:
+    // where either operand is NaN, vmaxps yields the second, x * -1).
+    float top = 0, total = 0;
     Index c = 0;
     if (head_dim >= V::width) {
-      V high = V::zero(), sum = V::zero(), bad = V::zero();
-      const V minus_one = V::broadcast(-1.0f), zero = V::zero();
+      V high = V::zero(), sum = V::zero();
+      const V minus_one = V::broadcast(-1.0f);
       for (; c + V::width <= head_dim; c += V::width) {
         const V x = V::load(f + c);
         const V magnitude = V::max(x, V::mul(x, minus_one));
         high = V::max(magnitude, high);
         sum = V::add(sum, magnitude);
-        bad = V::add(bad, V::mul(x, zero));
       }
       top = V::max_lanes(high);
       total = V::sum_lanes(sum);
-      poison = V::sum_lanes(bad);
     }
     for (; c < head_dim; ++c) {
       top = std::max(top, std::abs(f[c]));
       total += std::abs(f[c]);
-      poison += f[c] * 0.0f;
     }
-    if (poison != 0.0f || !(total < kInfinity)) return false;
+    if (!(total < kInfinity)) return false;
     // scale = 1 / step, each computed from its own quotient (both correctly rounded).
     const bool by_top = top / kLargestQueryWord >= total / sum_limit;
     const float scale = by_top ? kLargestQueryWord / top : sum_limit / total;
@@ -433,17 +430,25 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
     widen_bfloat16(block + format.key_scales_offset(), head_dim, key_scales);
     widen_bfloat16(block + format.key_zeros_offset(), head_dim, key_zeros);
 
-    // Fold the key scales into each query row and the zeros into one constant per row.
+    // Fold the key scales into each query row and the zeros into one constant per row, in one
+    // pass over the row.
     for (Index row = 0; row < num_rows; ++row) {
       const Acc* q = rows.queries + row * head_dim;
       Acc* f = folded + row * head_dim;
+      V zero_term = V::zero();
       Index c = 0;
-      for (; c + V::width <= head_dim; c += V::width)
-        V::mul(V::load(q + c), V::load(key_scales + c)).store(f + c);
-      for (; c < head_dim; ++c) f[c] = q[c] * key_scales[c];
+      for (; c + V::width <= head_dim; c += V::width) {
+        const V query = V::load(q + c);
+        V::mul(query, V::load(key_scales + c)).store(f + c);
+        zero_term = V::mul_add(query, V::load(key_zeros + c), zero_term);
+      }
+      Acc tail = 0;
+      for (; c < head_dim; ++c) {
+        f[c] = q[c] * key_scales[c];
+        tail += q[c] * key_zeros[c];
+      }
+      zero_terms[row] = V::sum_lanes(zero_term) + tail;
     }
-    score_block<Stored<Acc>>(rows.queries, num_rows, head_dim, RowsOf<Acc>{nullptr, key_zeros, 0}, 1,
-                             zero_terms, 1, [](Index) {});
     // Scores: the key codes are read once for all rows.
     const std::uint8_t* const ahead = block_idx + kQuantBlocksAhead < seg.num_blocks
                                           ? block + kQuantBlocksAhead * block_bytes
