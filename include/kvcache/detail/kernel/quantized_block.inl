@@ -61,48 +61,73 @@ constexpr bool integer_scores_fit(Index padded) {
   return Index(QuantBlockFormat<Bits>::levels) * padded * 129 < (Index(1) << 30);
 }
 
+/// The folded query rows of a block, one pass per row: folded[r][c] = q[r][c] * key_scales[c]
+/// (the key scales fold into the query) and zero_terms[r] = sum_c q[r][c] * key_zeros[c] (the
+/// zeros into one constant); for float also each folded row's magnitudes for integer_query,
+/// tops[r] = max_c |folded[r][c]| and totals[r] = sum_c |folded[r][c]| (infinite or NaN when
+/// some folded value is: |NaN| is NaN, as where either operand is NaN, vmaxps yields the
+/// second, x * -1).
+template <class Acc>
+void fold_query_rows(const ItemRows<Acc>& rows, const Acc* key_scales, const Acc* key_zeros,
+                     Acc* folded, Acc* zero_terms, Acc* tops, Acc* totals) {
+  using V = VecOf<Acc>;
+  const Index head_dim = rows.head_dim;
+  const V minus_one = V::broadcast(Acc(-1));
+  for (Index row = 0; row < rows.num_rows; ++row) {
+    const Acc* q = rows.queries + row * head_dim;
+    Acc* f = folded + row * head_dim;
+    V zero_term = V::zero(), high = V::zero(), sum = V::zero();
+    Index c = 0;
+    for (; c + V::width <= head_dim; c += V::width) {
+      const V query = V::load(q + c);
+      const V x = V::mul(query, V::load(key_scales + c));
+      x.store(f + c);
+      zero_term = V::mul_add(query, V::load(key_zeros + c), zero_term);
+      if constexpr (std::is_same_v<Acc, float>) {
+        const V magnitude = V::max(x, V::mul(x, minus_one));
+        high = V::max(magnitude, high);
+        sum = V::add(sum, magnitude);
+      }
+    }
+    Acc tail = 0, top = 0, total = 0;
+    if constexpr (std::is_same_v<Acc, float>)
+      if (c > 0) top = V::max_lanes(high), total = V::sum_lanes(sum);
+    for (; c < head_dim; ++c) {
+      f[c] = q[c] * key_scales[c];
+      tail += q[c] * key_zeros[c];
+      top = std::max(top, std::abs(f[c]));
+      total += std::abs(f[c]);
+    }
+    zero_terms[row] = V::sum_lanes(zero_term) + tail;
+    tops[row] = top;
+    totals[row] = total;
+  }
+}
+
 /// The folded query rows of a block as integers for the integer scores: words[r * padded + c]
 /// = folded[r][c] / steps[r] rounded to the nearest integer, the step the larger of
 /// max_c |folded[r][c]| / kLargestQueryWord and sum_c |folded[r][c]| / sum_limit (the second
 /// only for long rows of even magnitudes: it keeps every sum of words times codes within
 /// int32), so each folded value is off by at most half a step; channels [head_dim, padded)
-/// are 0. False when some folded value is infinite or NaN, their sum overflows, or the step
-/// would underflow: such a block takes the float scores, which propagate them as the reference
-/// does.
+/// are 0. tops, totals: fold_query_rows's. False when some folded value is infinite or NaN,
+/// their sum overflows, or the step would underflow: such a block takes the float scores,
+/// which propagate them as the reference does.
 template <class V>
-bool integer_query(const float* folded, Index num_rows, Index head_dim, Index padded,
-                   float sum_limit, std::int16_t* words, float* steps) {
+bool integer_query(const float* folded, const float* tops, const float* totals, Index num_rows,
+                   Index head_dim, Index padded, float sum_limit, std::int16_t* words,
+                   float* steps) {
   constexpr float kInfinity = std::numeric_limits<float>::infinity();
   for (Index row = 0; row < num_rows; ++row) {
     const float* f = folded + row * head_dim;
     std::int16_t* w = words + row * padded;
-    // top = max |f[c]|, total = sum |f[c]|: infinite or NaN when some f[c] is (|NaN| is NaN:
-    // where either operand is NaN, vmaxps yields the second, x * -1).
-    float top = 0, total = 0;
-    Index c = 0;
-    if (head_dim >= V::width) {
-      V high = V::zero(), sum = V::zero();
-      const V minus_one = V::broadcast(-1.0f);
-      for (; c + V::width <= head_dim; c += V::width) {
-        const V x = V::load(f + c);
-        const V magnitude = V::max(x, V::mul(x, minus_one));
-        high = V::max(magnitude, high);
-        sum = V::add(sum, magnitude);
-      }
-      top = V::max_lanes(high);
-      total = V::sum_lanes(sum);
-    }
-    for (; c < head_dim; ++c) {
-      top = std::max(top, std::abs(f[c]));
-      total += std::abs(f[c]);
-    }
+    const float top = tops[row], total = totals[row];
     if (!(total < kInfinity)) return false;
     // scale = 1 / step, each computed from its own quotient (both correctly rounded).
     const bool by_top = top / kLargestQueryWord >= total / sum_limit;
     const float scale = by_top ? kLargestQueryWord / top : sum_limit / total;
     if (top > 0 && !(scale < kInfinity)) return false;
     steps[row] = by_top ? top / kLargestQueryWord : total / sum_limit;
-    c = 0;
+    Index c = 0;
     if (top > 0) {
       const V by = V::broadcast(scale);
       for (; c + V::width <= head_dim; c += V::width) V::mul(V::load(f + c), by).store_rounded(w + c);
@@ -408,6 +433,9 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
   auto* const words = reinterpret_cast<std::int16_t*>(steps + num_rows);
   auto* const split = reinterpret_cast<std::int8_t*>(words + num_rows * padded);
   auto* const sums = reinterpret_cast<std::int32_t*>(steps + num_rows + num_rows * padded);
+  // The folded rows' magnitudes (num_rows each).
+  Acc* const tops = steps + num_rows + num_rows * padded + num_rows * group;
+  Acc* const totals = tops + num_rows;
   const bool integer_scores = std::is_same_v<Acc, float> && integer_scores_fit<Bits>(padded);
   // Values dequantize in registers when a vector lies in one value group.
   const bool whole_vectors = group % V::width == 0 && head_dim % V::width == 0;
@@ -430,25 +458,7 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
     widen_bfloat16(block + format.key_scales_offset(), head_dim, key_scales);
     widen_bfloat16(block + format.key_zeros_offset(), head_dim, key_zeros);
 
-    // Fold the key scales into each query row and the zeros into one constant per row, in one
-    // pass over the row.
-    for (Index row = 0; row < num_rows; ++row) {
-      const Acc* q = rows.queries + row * head_dim;
-      Acc* f = folded + row * head_dim;
-      V zero_term = V::zero();
-      Index c = 0;
-      for (; c + V::width <= head_dim; c += V::width) {
-        const V query = V::load(q + c);
-        V::mul(query, V::load(key_scales + c)).store(f + c);
-        zero_term = V::mul_add(query, V::load(key_zeros + c), zero_term);
-      }
-      Acc tail = 0;
-      for (; c < head_dim; ++c) {
-        f[c] = q[c] * key_scales[c];
-        tail += q[c] * key_zeros[c];
-      }
-      zero_terms[row] = V::sum_lanes(zero_term) + tail;
-    }
+    fold_query_rows(rows, key_scales, key_zeros, folded, zero_terms, tops, totals);
     // Scores: the key codes are read once for all rows.
     const std::uint8_t* const ahead = block_idx + kQuantBlocksAhead < seg.num_blocks
                                           ? block + kQuantBlocksAhead * block_bytes
@@ -458,7 +468,7 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
     if constexpr (std::is_same_v<Acc, float>) {
       // Integer dot products of the folded query, rounded to steps, with the codes; times the
       // step they are the scores to within half a step per channel.
-      if (integer_scores && integer_query<V>(folded, num_rows, head_dim, padded,
+      if (integer_scores && integer_query<V>(folded, tops, totals, num_rows, head_dim, padded,
                                              integer_sum_limit<Bits>(), words, steps)) {
         if (!V::template key_code_dots<Bits>(keys, words, num_rows, sums, split, first_half)) {
           key_code_dots_portable<Bits>(keys, words, num_rows, sums);

@@ -91,11 +91,12 @@ struct UnitScratch {
 /// P = 4 * ceil(D / 4) padded channels): key scales and zeros (2D), per row the folded query
 /// (D), its zero term and the weights (G), value scales and zeros (2D), the block's values
 /// dequantized (G x D), then for the integer scores per row the query's step (1), its int16
-/// words and their bytes (4P bytes: P elements hold them) and the int32 sums (G).
+/// words and their bytes (4P bytes: P elements hold them), the int32 sums (G), and the folded
+/// row's largest magnitude and their sum (2).
 inline Index quantized_scratch_elements(Index num_rows, Index head_dim, Index group) {
   const Index padded = 4 * ((head_dim + 3) / 4);
   return 4 * head_dim + num_rows * (head_dim + 1 + group) + group * head_dim +
-         num_rows * (1 + padded + group);
+         num_rows * (1 + padded + group + 2);
 }
 
 /// Acc elements of scratch one work unit of num_rows rows needs: the score tile
