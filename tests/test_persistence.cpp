@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -784,42 +785,90 @@ TEST_CASE("persistence: records follow each other in one stream", "[persistence]
   REQUIRE(io.peek() == std::char_traits<char>::eof());
 }
 
-TEST_CASE("persistence: a loaded block with infinite value scales attends as the reference "
-          "dequantizes it (clamped)", "[persistence][quantized]") {
-  // load() takes a block's bytes as stored. A value group with scale and zero +inf and no code
-  // 0 (inf * 0 would be NaN) reaches past the bfloat16 range, so the kernel must take the
-  // clamping path, as the reference dequantizer does (every value of the group clamps to
-  // 3.3895e38); the vector check once lost such a lane (scale * 255 - zero = inf - inf = NaN).
-  const Index group = 16, head_dim = 16;
-  Int8KVCache<float> original(1, 32, 1, head_dim, quant_config(group, 1));
-  append(original, 1, group + 1, 5);
-  REQUIRE(original.quantized_size() == group);
-  std::string bytes = saved(original);
-  const std::vector<std::uint8_t> blocks = quantized_bytes(original);
-  const std::string block(blocks.begin(), blocks.end());
-  const std::size_t at = bytes.find(block);
-  REQUIRE(at != std::string::npos);
+/// A saved Int8KVCache<float> of one block (group == head_dim == 16: one value group per
+/// token) whose bytes can be edited: `at` is where the block starts in `bytes`.
+struct EditableBlockRecord {
+  static constexpr Index group = 16, head_dim = 16;
   const kvcache::detail::QuantBlockFormat<8> format{group, head_dim};
-  // Value groups: one per token (group == head_dim); bfloat16 little-endian.
-  auto put = [&](Index offset, char low, char high) {
-    bytes[at + static_cast<std::size_t>(offset)] = low;
-    bytes[at + static_cast<std::size_t>(offset) + 1] = high;
-  };
+  std::string bytes;
+  std::size_t at = 0;
+
+  EditableBlockRecord() {
+    Int8KVCache<float> original(1, 32, 1, head_dim, quant_config(group, 1));
+    append(original, 1, group + 1, 5);
+    REQUIRE(original.quantized_size() == group);
+    bytes = saved(original);
+    const std::vector<std::uint8_t> blocks = quantized_bytes(original);
+    at = bytes.find(std::string(blocks.begin(), blocks.end()));
+    REQUIRE(at != std::string::npos);
+  }
+  /// The bfloat16 number at `offset` within the block (little-endian) set to `bits`.
+  void put(Index offset, std::uint16_t bits) {
+    bytes[at + static_cast<std::size_t>(offset)] = static_cast<char>(bits & 0xFF);
+    bytes[at + static_cast<std::size_t>(offset) + 1] = static_cast<char>(bits >> 8);
+  }
+};
+
+TEST_CASE("persistence: a loaded block whose values reach past the bfloat16 range attends as "
+          "the reference dequantizes it (clamped)", "[persistence][quantized]") {
+  // A value group with scale and zero the largest finite bfloat16 (0x7F7F, 3.3895e38) and no
+  // code 0 reaches past the bfloat16 range (scale * 255 is inf in float), so the kernel must
+  // take the clamping path, as the reference dequantizer does (every value of the group clamps
+  // to 3.3895e38).
+  EditableBlockRecord record;
+  const auto& format = record.format;
   for (Index token : {Index(0), Index(7)}) {
-    put(format.value_scales_offset() + 2 * token, '\x80', '\x7F');  // +inf
-    put(format.value_zeros_offset() + 2 * token, '\x80', '\x7F');   // +inf
-    for (Index c = 0; c < head_dim; ++c)
-      bytes[at + static_cast<std::size_t>(format.value_code_row_offset(token) + c)] =
+    record.put(format.value_scales_offset() + 2 * token, 0x7F7F);
+    record.put(format.value_zeros_offset() + 2 * token, 0x7F7F);
+    for (Index c = 0; c < record.head_dim; ++c)
+      record.bytes[record.at + static_cast<std::size_t>(format.value_code_row_offset(token) + c)] =
           static_cast<char>(1 + 16 * c);
   }
-  const auto copy = loaded<Int8KVCache<float>>(resealed(bytes));
-  const Tensor4<float> q = random_tensor<float, kvcache::BHSD>(1, 4, 1, head_dim, 6);
+  const auto copy = loaded<Int8KVCache<float>>(resealed(record.bytes));
+  const Tensor4<float> q = random_tensor<float, kvcache::BHSD>(1, 4, 1, record.head_dim, 6);
   const Tensor4<float> got = kvcache::attend(q, copy);
   const auto want = reference_attention<kvcache::BHSD>(q, copy.keys(), copy.values(),
                                                        iota_positions(copy.size()),
                                                        copy.size() - 1, ReferenceRules{});
   for (Index i = 0; i < got.size(); ++i) REQUIRE(std::isfinite(got.data()[i]));
   REQUIRE(max_abs_diff(got, want) <= 1e-5 * 3.3895e38);
+}
+
+TEST_CASE("persistence: load rejects a block whose zero points or scales the quantizer cannot "
+          "make (infinite, NaN, negative scale)", "[persistence][quantized]") {
+  // The quantizer makes every zero a finite bfloat16 and every scale a finite one >= 0. A
+  // record with another describes no state the cache can reach: FormatError, naming the number.
+  struct Case {
+    const char* part;
+    Index offset;
+    std::uint16_t bits;
+    const char* says;
+  };
+  const kvcache::detail::QuantBlockFormat<8> format{EditableBlockRecord::group,
+                                                    EditableBlockRecord::head_dim};
+  const Case cases[] = {
+      {"key zero", format.key_zeros_offset() + 2 * 3, 0x7F80, "key zero 3 must be finite, got inf"},
+      {"key scale", format.key_scales_offset(), 0xFFC0, "key scale 0 must be finite and >= 0, got "},
+      {"key scale", format.key_scales_offset() + 2 * 15, 0xBF80, "key scale 15 must be finite and >= 0, got -1"},
+      {"value zero", format.value_zeros_offset() + 2 * 5, 0xFF80, "value zero 5 must be finite, got -inf"},
+      {"value scale", format.value_scales_offset() + 2 * 9, 0x7F80, "value scale 9 must be finite and >= 0, got inf"},
+      {"value scale", format.value_scales_offset(), 0x8000, "value scale 0 must be finite and >= 0, got -0"},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(c.part, c.bits);
+    EditableBlockRecord record;
+    record.put(c.offset, c.bits);
+    const std::string message = load_error<Int8KVCache<float>>(resealed(record.bytes));
+    CAPTURE(message);
+    CHECK(contains(message, std::string("quantized block 0: ") + c.says));
+    char bits[32];
+    std::snprintf(bits, sizeof bits, "(bfloat16 0x%04X)", unsigned{c.bits});
+    CHECK(contains(message, bits));
+  }
+  // A negative zero point is one the quantizer makes (the minimum rounded down): accepted.
+  EditableBlockRecord record;
+  record.put(format.value_zeros_offset(), 0xBF80);
+  (void)loaded<Int8KVCache<float>>(resealed(record.bytes));
 }
 
 // --- damage: every truncation, every flipped bit ----------------------------------------------------

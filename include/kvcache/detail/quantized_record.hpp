@@ -44,6 +44,45 @@ void reorder_scale_arrays_little_endian(std::uint8_t* block, const QuantBlockFor
     }
 }
 
+/// Fails the load unless every bfloat16 zero point of the stored blocks is finite and every
+/// scale finite and non-negative, as the quantizer makes them (quantization.hpp): a block with
+/// another describes no state the cache can reach, and its attention would be NaN or wrong.
+/// `blocks` holds `count` stored blocks of `stored_bytes`, whose key zeros start at
+/// `key_zeros_at` (the parts from there on are laid out alike in every format version), their
+/// numbers little-endian.
+template <int Bits>
+void require_valid_scales(const Reader& reader, const std::vector<std::uint8_t>& blocks,
+                          Index count, Index stored_bytes, Index key_zeros_at,
+                          const QuantBlockFormat<Bits>& format) {
+  const Index d = format.head_dim;
+  struct Part {
+    const char* name;
+    Index offset;  // from the key zeros
+    bool scale;
+  };
+  const Part parts[] = {{"key zero", 0, false},
+                        {"key scale", 2 * d, true},
+                        {"value zero", 4 * d + format.code_bytes(), false},
+                        {"value scale", 6 * d + format.code_bytes(), true}};
+  for (Index i = 0; i < count; ++i)
+    for (const Part& part : parts) {
+      const std::uint8_t* at = blocks.data() + i * stored_bytes + key_zeros_at + part.offset;
+      for (Index j = 0; j < d; ++j) {
+        const auto bits = static_cast<std::uint16_t>(at[2 * j] | at[2 * j + 1] << 8);
+        const bool finite = (bits & 0x7F80u) != 0x7F80u;
+        if (finite && !(part.scale && (bits & 0x8000u) != 0)) continue;
+        std::uint8_t native[2];
+        std::memcpy(native, &bits, sizeof bits);
+        constexpr char kHex[] = "0123456789ABCDEF";
+        const char hex[] = {'0', 'x', kHex[bits >> 12], kHex[(bits >> 8) & 15],
+                            kHex[(bits >> 4) & 15], kHex[bits & 15], '\0'};
+        reader.fail("quantized block ", i, ": ", part.name, " ", j,
+                    part.scale ? " must be finite and >= 0" : " must be finite", ", got ",
+                    load_bfloat16(native), " (bfloat16 ", hex, ")");
+      }
+    }
+}
+
 template <class Cache>
 struct QuantizedRecord {
   using T = typename Cache::element_type;
@@ -134,6 +173,9 @@ struct QuantizedRecord {
     payload.blocks = reader.read_byte_array(static_cast<std::uint64_t>(num_blocks * stored_block_bytes),
                                             "quantized blocks");
     payload.version_1 = version_1;
+    const QuantBlockFormat<Bits> format{h.group_size, h.head_dim};
+    require_valid_scales(reader, payload.blocks, num_blocks, stored_block_bytes,
+                         version_1 ? format.code_bytes() : format.key_zeros_offset(), format);
     payload.tail = read_kv_rows<T>(reader, {h.batch_size, h.num_heads, h.position - quantized, h.head_dim},
                                    "tail keys", "tail values");
     return payload;
