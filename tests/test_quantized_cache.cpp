@@ -262,9 +262,11 @@ TEMPLATE_TEST_CASE("attend over the integer storage equals attention over keys()
   using T = typename TestType::element;
   using L = typename TestType::layout;
   constexpr int Bits = TestType::bits;
-  // head_dim 64 with the default config, and 20 = 2 groups of 10 with a residual of 7.
+  // head_dim 64 with the default config, 20 = 2 groups of 10 with a residual of 7, and 96 =
+  // 3 groups of 32 (int4 loads value codes by parity in pairs of vectors within a group: with
+  // 16 lanes a strip of two pairs, then one pair).
   const auto [head_dim, group, residual] =
-      GENERATE(table<Index, Index, Index>({{64, 32, 32}, {20, 10, 7}}));
+      GENERATE(table<Index, Index, Index>({{64, 32, 32}, {20, 10, 7}, {96, 32, 0}}));
   const Index rep = GENERATE(1, 4);  // GQA
   CAPTURE(head_dim, group, residual, rep);
   const Index batch = 2, heads = 2, total = 150;
