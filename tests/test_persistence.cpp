@@ -852,7 +852,7 @@ TEST_CASE("persistence: load rejects a block whose zero points or scales the qua
       {"key scale", format.key_scales_offset() + 2 * 15, 0xBF80, "key scale 15 must be finite and >= 0, got -1"},
       {"value zero", format.value_zeros_offset() + 2 * 5, 0xFF80, "value zero 5 must be finite, got -inf"},
       {"value scale", format.value_scales_offset() + 2 * 9, 0x7F80, "value scale 9 must be finite and >= 0, got inf"},
-      {"value scale", format.value_scales_offset(), 0x8000, "value scale 0 must be finite and >= 0, got -0"},
+      {"value scale", format.value_scales_offset(), 0x8001, "value scale 0 must be finite and >= 0, got "},
   };
   for (const Case& c : cases) {
     CAPTURE(c.part, c.bits);
@@ -865,10 +865,50 @@ TEST_CASE("persistence: load rejects a block whose zero points or scales the qua
     std::snprintf(bits, sizeof bits, "(bfloat16 0x%04X)", unsigned{c.bits});
     CHECK(contains(message, bits));
   }
-  // A negative zero point is one the quantizer makes (the minimum rounded down): accepted.
+  // A negative zero point is one the quantizer makes (the minimum rounded down), and so is a
+  // scale of -0 (a constant group under a rounding mode other than to-nearest): accepted.
   EditableBlockRecord record;
   record.put(format.value_zeros_offset(), 0xBF80);
+  record.put(format.key_zeros_offset(), 0x8000);
+  record.put(format.key_scales_offset() + 2, 0x8000);
+  record.put(format.value_scales_offset() + 2, 0x8000);
   (void)loaded<Int8KVCache<float>>(resealed(record.bytes));
+  SECTION("in a version 1 record (key codes as token rows: the key zeros follow them)") {
+    // int8_d10_g5.kvc: head_dim 10, group 5; its first block follows the 97-byte header, its
+    // key zeros follow 5 x 10 key code bytes.
+    std::string bytes = format_v1_file("int8_d10_g5.kvc");
+    const std::size_t key_zero_3 = 97 + 5 * 10 + 2 * 3;
+    bytes[key_zero_3] = '\xC0';
+    bytes[key_zero_3 + 1] = '\x7F';
+    CHECK(contains(load_error<Int8KVCache<float>>(resealed(bytes)),
+                   "quantized block 0: key zero 3 must be finite, got nan (bfloat16 0x7FC0)"));
+  }
+}
+
+TEST_CASE("persistence: load rejects a quantized cache whose unquantized tail holds what "
+          "update() refuses", "[persistence][quantized]") {
+  // Later updates quantize the tail: a NaN or an infinity there would make a block that
+  // attends as NaN (and that load() refuses once saved); double also past the bfloat16 range.
+  auto tail_error = [](auto cache, double bad) {
+    using Cache = decltype(cache);
+    using T = typename Cache::element_type;
+    append(cache, 1, 3, 5);  // group 16: all three positions in the tail
+    REQUIRE(cache.quantized_size() == 0);
+    std::string bytes = saved(cache);
+    // The tail values are the record's last elements before its checksum: the last one.
+    const std::size_t at = bytes.size() - 4 - sizeof(T);
+    const T x = static_cast<T>(bad);
+    std::memcpy(&bytes[at], &x, sizeof x);
+    return load_error<Cache>(resealed(bytes));
+  };
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double inf = std::numeric_limits<double>::infinity();
+  CHECK(contains(tail_error(Int8KVCache<float>(1, 32, 1, 16, quant_config(16, 4)), nan),
+                 "tail values: element 47 is nan: expected a finite value"));
+  CHECK(contains(tail_error(Int4KVCache<Eigen::half>(1, 32, 1, 16, quant_config(16, 4)), -inf),
+                 "tail values: element 47 is -inf: expected a finite value"));
+  CHECK(contains(tail_error(QuantizedKVCache<double, 8>(1, 32, 1, 16, quant_config(16, 4)), 1e39),
+                 "tail values: element 47 is 1e+39: expected a finite value of magnitude <= 3.3895e38"));
 }
 
 // --- damage: every truncation, every flipped bit ----------------------------------------------------

@@ -11,9 +11,11 @@
 #include <kvcache/quantization.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -45,7 +47,8 @@ void reorder_scale_arrays_little_endian(std::uint8_t* block, const QuantBlockFor
 }
 
 /// Fails the load unless every bfloat16 zero point of the stored blocks is finite and every
-/// scale finite and non-negative, as the quantizer makes them (quantization.hpp): a block with
+/// scale finite and >= 0 (-0 included: a constant group quantized under a rounding mode other
+/// than to-nearest gets it), as the quantizer makes them (quantization.hpp): a block with
 /// another describes no state the cache can reach, and its attention would be NaN or wrong.
 /// `blocks` holds `count` stored blocks of `stored_bytes`, whose key zeros start at
 /// `key_zeros_at` (the parts from there on are laid out alike in every format version), their
@@ -70,7 +73,8 @@ void require_valid_scales(const Reader& reader, const std::vector<std::uint8_t>&
       for (Index j = 0; j < d; ++j) {
         const auto bits = static_cast<std::uint16_t>(at[2 * j] | at[2 * j + 1] << 8);
         const bool finite = (bits & 0x7F80u) != 0x7F80u;
-        if (finite && !(part.scale && (bits & 0x8000u) != 0)) continue;
+        const bool negative = (bits & 0x8000u) != 0 && (bits & 0x7FFFu) != 0;
+        if (finite && !(part.scale && negative)) continue;
         std::uint8_t native[2];
         std::memcpy(native, &bits, sizeof bits);
         constexpr char kHex[] = "0123456789ABCDEF";
@@ -178,6 +182,8 @@ struct QuantizedRecord {
                          version_1 ? format.code_bytes() : format.key_zeros_offset(), format);
     payload.tail = read_kv_rows<T>(reader, {h.batch_size, h.num_heads, h.position - quantized, h.head_dim},
                                    "tail keys", "tail values");
+    require_quantizable(reader, payload.tail.keys, "tail keys");
+    require_quantizable(reader, payload.tail.values, "tail values");
     return payload;
   }
 
@@ -212,6 +218,21 @@ struct QuantizedRecord {
   }
 
  private:
+  /// Fails the load unless every element of the unquantized tail is what update() accepts:
+  /// finite, and for double within the bfloat16 range. Later updates quantize the tail's
+  /// positions; a NaN or an infinity would become a block whose attention is NaN, and which
+  /// load() itself refuses once saved.
+  static void require_quantizable(const Reader& reader, const std::vector<T>& rows, const char* name) {
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      const auto x = static_cast<double>(rows[i]);
+      if (std::isfinite(x) && !(std::is_same_v<T, double> && std::abs(x) > double(kBfloat16Max)))
+        continue;
+      reader.fail(name, ": element ", i, " is ", x, ": expected a finite value",
+                  std::is_same_v<T, double> ? " of magnitude <= 3.3895e38" : "",
+                  " (QuantizedKVCache::update stores no other)");
+    }
+  }
+
   static QuantConfig config_of(const Header& h) {
     QuantConfig config;
     config.group_size = h.group_size;

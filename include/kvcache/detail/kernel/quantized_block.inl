@@ -64,9 +64,9 @@ constexpr bool integer_scores_fit(Index padded) {
 /// The folded query rows of a block, one pass per row: folded[r][c] = q[r][c] * key_scales[c]
 /// (the key scales fold into the query) and zero_terms[r] = sum_c q[r][c] * key_zeros[c] (the
 /// zeros into one constant); for float also each folded row's magnitudes for integer_query,
-/// tops[r] = max_c |folded[r][c]| and totals[r] = sum_c |folded[r][c]| (infinite or NaN when
-/// some folded value is: |NaN| is NaN, as where either operand is NaN, vmaxps yields the
-/// second, x * -1).
+/// tops[r] = max_c |folded[r][c]| and totals[r] = sum_c |folded[r][c]|. A NaN or infinite
+/// folded value makes the total NaN or infinite: |x| is taken as max(x, -x), and vmaxps (like
+/// the portable max) yields its second operand, -x, when one is NaN.
 template <class Acc>
 void fold_query_rows(const ItemRows<Acc>& rows, const Acc* key_scales, const Acc* key_zeros,
                      Acc* folded, Acc* zero_terms, Acc* tops, Acc* totals) {
@@ -324,7 +324,8 @@ KVCACHE_ALWAYS_INLINE void accumulate_nibble_strip(Acc* const* acc, const Acc* w
 
 /// acc += P V for every row of a unit over the n tokens of a block whose value groups are whole
 /// vectors (head_dim and group multiples of the width), dequantizing in registers:
-/// accumulate_codes_strip over strips of V::accumulator_strip vectors, four rows at a time,
+/// accumulate_codes_strip over strips of V::accumulator_strip vectors (int4 with groups of a
+/// multiple of 2 x width: accumulate_nibble_strip over pairs of vectors), four rows at a time,
 /// then one. The first pass over the tokens runs `prefetch` token by token.
 template <int Bits, class Acc, class Prefetch>
 void accumulate_codes(const ItemRows<Acc>& rows, const Acc* weights, Index weight_stride,
@@ -448,11 +449,13 @@ void attend_quantized_blocks(const QuantSegment& seg, const MaskRules& mask,
   // block ahead, the last lines asked for (the next block's key scales) were still on their way
   // from DRAM when the next block began with them. The first blocks are asked for up front.
   const Index block_bytes = seg.bytes_per_block;
-  const Index half_block = (block_bytes / 2 + kCacheLine - 1) / kCacheLine * kCacheLine;
+  // Whole lines, and never past the block (a block of fewer than 64 bytes is all first half).
+  const Index half_block =
+      std::min(block_bytes, (block_bytes / 2 + kCacheLine - 1) / kCacheLine * kCacheLine);
   for (Index b = 0; b < std::min<Index>(kQuantBlocksAhead, seg.num_blocks); ++b)
     SpreadPrefetch::of(head_blocks + b * block_bytes, block_bytes, 1)(0);
   for (Index block_idx = 0; block_idx < seg.num_blocks; ++block_idx) {
-    const std::uint8_t* const block = head_blocks + block_idx * seg.bytes_per_block;
+    const std::uint8_t* const block = head_blocks + block_idx * block_bytes;
     const Index first_p = seg.first_position + block_idx * group;
     const KeyQuads keys{block + format.key_codes_offset(), format.key_quads(), format.key_quad_rows()};
     widen_bfloat16(block + format.key_scales_offset(), head_dim, key_scales);
