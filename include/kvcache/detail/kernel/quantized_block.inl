@@ -90,8 +90,12 @@ void fold_query_rows(const ItemRows<Acc>& rows, const Acc* key_scales, const Acc
       }
     }
     Acc tail = 0, top = 0, total = 0;
-    if constexpr (std::is_same_v<Acc, float>)
-      if (c > 0) top = V::max_lanes(high), total = V::sum_lanes(sum);
+    if constexpr (std::is_same_v<Acc, float>) {
+      if (c > 0) {
+        top = V::max_lanes(high);
+        total = V::sum_lanes(sum);
+      }
+    }
     for (; c < head_dim; ++c) {
       f[c] = q[c] * key_scales[c];
       tail += q[c] * key_zeros[c];
