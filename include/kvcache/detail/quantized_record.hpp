@@ -158,12 +158,6 @@ struct QuantizedRecord {
     const Index block_bytes = checked_sum(reader, "block bytes",
                                           checked_sum(reader, "block bytes", key_code_bytes, value_code_bytes),
                                           scale_bytes);
-    const bool version_1 = reader.format_version() == 1;
-    const Index stored_block_bytes =
-        version_1 ? checked_sum(reader, "block bytes",
-                                checked_product(reader, "code bytes of a block", {2, value_code_bytes}),
-                                scale_bytes)
-                  : block_bytes;
     const Index max_blocks = (h.capacity - unquantized_tail_length(h.capacity, config)) / h.group_size;
     const Index blocks_bytes = checked_product(reader, "quantized block bytes",
                                                {h.batch_size, h.num_heads, max_blocks, block_bytes});
@@ -171,13 +165,17 @@ struct QuantizedRecord {
         reader, "tail bytes", {2, h.batch_size, h.num_heads, h.tail_slots, h.head_dim, Index(sizeof(T))});
     require_within_limit(reader, checked_sum(reader, "K/V storage bytes", blocks_bytes, tail_bytes),
                          limits);
-    // The payload is at most the storage just bounded: no product below can overflow.
+    // The payload is at most the storage just bounded: no product below can overflow. A
+    // version 1 block is no larger than today's block_bytes (checked above): its key codes
+    // take code_bytes(), today's channel quads at least as many.
+    const QuantBlockFormat<Bits> format{h.group_size, h.head_dim};
+    const bool version_1 = reader.format_version() == 1;
+    const Index stored_block_bytes = version_1 ? version_1_block_bytes(format) : block_bytes;
     Payload payload;
     const Index num_blocks = h.batch_size * h.num_heads * (quantized / h.group_size);
     payload.blocks = reader.read_byte_array(static_cast<std::uint64_t>(num_blocks * stored_block_bytes),
                                             "quantized blocks");
     payload.version_1 = version_1;
-    const QuantBlockFormat<Bits> format{h.group_size, h.head_dim};
     require_valid_scales(reader, payload.blocks, num_blocks, stored_block_bytes,
                          version_1 ? format.code_bytes() : format.key_zeros_offset(), format);
     payload.tail = read_kv_rows<T>(reader, {h.batch_size, h.num_heads, h.position - quantized, h.head_dim},
