@@ -57,16 +57,16 @@ template <int Bits>
 void require_valid_scales(const Reader& reader, const std::vector<std::uint8_t>& blocks,
                           Index count, Index stored_bytes, Index key_zeros_at,
                           const QuantBlockFormat<Bits>& format) {
-  const Index d = format.head_dim;
+  const Index d = format.head_dim, from = format.key_zeros_offset();
   struct Part {
     const char* name;
     Index offset;  // from the key zeros
     bool scale;
   };
   const Part parts[] = {{"key zero", 0, false},
-                        {"key scale", 2 * d, true},
-                        {"value zero", 4 * d + format.code_bytes(), false},
-                        {"value scale", 6 * d + format.code_bytes(), true}};
+                        {"key scale", format.key_scales_offset() - from, true},
+                        {"value zero", format.value_zeros_offset() - from, false},
+                        {"value scale", format.value_scales_offset() - from, true}};
   for (Index i = 0; i < count; ++i)
     for (const Part& part : parts) {
       const std::uint8_t* at = blocks.data() + i * stored_bytes + key_zeros_at + part.offset;
@@ -75,14 +75,10 @@ void require_valid_scales(const Reader& reader, const std::vector<std::uint8_t>&
         const bool finite = (bits & 0x7F80u) != 0x7F80u;
         const bool negative = (bits & 0x8000u) != 0 && (bits & 0x7FFFu) != 0;
         if (finite && !(part.scale && negative)) continue;
-        std::uint8_t native[2];
-        std::memcpy(native, &bits, sizeof bits);
-        constexpr char kHex[] = "0123456789ABCDEF";
-        const char hex[] = {'0', 'x', kHex[bits >> 12], kHex[(bits >> 8) & 15],
-                            kHex[(bits >> 4) & 15], kHex[bits & 15], '\0'};
         reader.fail("quantized block ", i, ": ", part.name, " ", j,
                     part.scale ? " must be finite and >= 0" : " must be finite", ", got ",
-                    load_bfloat16(native), " (bfloat16 ", hex, ")");
+                    static_cast<float>(from_bits<Eigen::bfloat16>(bits)), " (bfloat16 ",
+                    hex_digits(bits, 4), ")");
       }
     }
 }

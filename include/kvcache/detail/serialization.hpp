@@ -79,13 +79,16 @@ T from_bits(element_bits_t<T> bits) {
   return Eigen::numext::bit_cast<T>(bits);
 }
 
-/// "0x1A2B3C4D"
-inline std::string hex32(std::uint32_t value) {
+/// "0x7FC0" for (0x7FC0, 4): the low `nibbles` hexadecimal digits of value.
+inline std::string hex_digits(std::uint32_t value, int nibbles) {
   static constexpr char digits[] = "0123456789ABCDEF";
   std::string out = "0x";
-  for (int shift = 28; shift >= 0; shift -= 4) out += digits[(value >> shift) & 0xFu];
+  for (int shift = 4 * (nibbles - 1); shift >= 0; shift -= 4) out += digits[(value >> shift) & 0xFu];
   return out;
 }
+
+/// "0x1A2B3C4D"
+inline std::string hex32(std::uint32_t value) { return hex_digits(value, 8); }
 
 /// "89 4B 56 43": bytes in hexadecimal, separated by spaces.
 inline std::string hex_bytes(const std::uint8_t* bytes, std::size_t size) {
