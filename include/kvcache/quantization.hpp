@@ -112,6 +112,16 @@ namespace detail {
 /// The largest finite bfloat16, 0x7F7F: 0x1.FEp127 ~= 3.3895e38.
 inline constexpr float kBfloat16Max = 0x1.FEp127f;
 
+/// Whether QuantizedKVCache<T> stores x (update() accepts it, load() accepts it in a tail):
+/// finite, and for double of magnitude <= kBfloat16Max (a float beyond it saturates within its
+/// group's bound; a double would lose most of its magnitude). T converts to double exactly.
+template <class T>
+bool quantizable_value(T x) {
+  const auto wide = static_cast<double>(x);
+  if (!std::isfinite(wide)) return false;
+  return !std::is_same_v<T, double> || std::abs(wide) <= static_cast<double>(kBfloat16Max);
+}
+
 /// Byte format of one quantized block: the keys and values of group_size consecutive tokens of
 /// one (batch row, KV head), D = head_dim, G = group_size, in this order, each part starting
 /// right after the previous one:

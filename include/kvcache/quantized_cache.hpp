@@ -278,6 +278,7 @@ class QuantizedKVCache : public detail::Persistent<QuantizedKVCache<T, Bits, Lay
           const T* row = input.data + b * strides.batch + h * strides.head + i * strides.seq;
           for (Index c = 0; c < in.head_dim; ++c) {
             const T x = row[c];
+            if (detail::quantizable_value(x)) continue;
             if (!(Eigen::numext::isfinite)(x))
               detail::throw_invalid_argument(
                   "QuantizedKVCache::update: ", name, " at (batch ", b, ", head ", h,
@@ -286,14 +287,12 @@ class QuantizedKVCache : public detail::Persistent<QuantizedKVCache<T, Bits, Lay
                   "group shares one zero point and one scale, which a NaN or an infinity would "
                   "corrupt; keep such values in a StaticKVCache or DynamicKVCache); the cache "
                   "is unchanged");
-            if constexpr (std::is_same_v<T, double>)
-              if (std::abs(x) > static_cast<T>(detail::kBfloat16Max))
-                detail::throw_invalid_argument(
-                    "QuantizedKVCache<double>::update: ", name, " at (batch ", b, ", head ", h,
-                    ", new position ", i, ", channel ", c, ") = ", x,
-                    " exceeds the magnitude its bfloat16 zero point and scale can represent: "
-                    "expected |x| <= ", detail::kBfloat16Max,
-                    " (keep such values in a StaticKVCache<double> or DynamicKVCache<double>)");
+            detail::throw_invalid_argument(
+                "QuantizedKVCache<double>::update: ", name, " at (batch ", b, ", head ", h,
+                ", new position ", i, ", channel ", c, ") = ", static_cast<double>(x),
+                " exceeds the magnitude its bfloat16 zero point and scale can represent: "
+                "expected |x| <= ", detail::kBfloat16Max,
+                " (keep such values in a StaticKVCache<double> or DynamicKVCache<double>)");
           }
         }
   }

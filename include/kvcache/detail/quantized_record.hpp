@@ -218,10 +218,8 @@ struct QuantizedRecord {
   /// load() itself refuses once saved.
   static void require_quantizable(const Reader& reader, const std::vector<T>& rows, const char* name) {
     for (std::size_t i = 0; i < rows.size(); ++i) {
-      const auto x = static_cast<double>(rows[i]);
-      if (std::isfinite(x) && !(std::is_same_v<T, double> && std::abs(x) > double(kBfloat16Max)))
-        continue;
-      reader.fail(name, ": element ", i, " is ", x, ": expected a finite value",
+      if (quantizable_value(rows[i])) continue;
+      reader.fail(name, ": element ", i, " is ", static_cast<double>(rows[i]), ": expected a finite value",
                   std::is_same_v<T, double> ? " of magnitude <= 3.3895e38" : "",
                   " (QuantizedKVCache::update stores no other)");
     }
