@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <string>
@@ -206,20 +207,40 @@ inline double read_bandwidth(std::size_t bytes, int threads = 1) {
   return bandwidth;
 }
 
-/// Bytes of the buffer of the DRAM probe: 256 MiB, eight times the largest last-level cache of
-/// the machines this runs on (32 MiB), so no pass finds it in any cache.
-inline constexpr std::size_t kDramProbeBytes = std::size_t(256) << 20;
+/// Bytes of the last-level cache as the OS reports it (Linux: the largest
+/// /sys/devices/system/cpu/cpu0/cache/index*/size; 0 where it says nothing).
+inline std::size_t last_level_cache_bytes() {
+  std::size_t largest = 0;
+  for (int index = 0; index < 8; ++index) {
+    std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size");
+    std::size_t amount = 0;
+    std::string unit;
+    if (!(file >> amount)) continue;
+    file >> unit;  // "K", "M" or nothing (sysfs writes "32768K")
+    const std::size_t scale = unit == "K" ? (std::size_t(1) << 10) : unit == "M" ? (std::size_t(1) << 20) : 1;
+    largest = std::max(largest, amount * scale);
+  }
+  return largest;
+}
+
+/// Bytes of the buffer of the DRAM probe: four times this machine's last-level cache, and at
+/// least 256 MiB (eight times the 32 MiB L3 of a Zen 5 CCD; a Xeon's L3 can hold 300 MiB,
+/// where a fixed 256 MiB would be read from cache), so no pass finds it in any cache.
+inline std::size_t dram_probe_bytes() {
+  static const std::size_t bytes = std::max(std::size_t(256) << 20, 4 * last_level_cache_bytes());
+  return bytes;
+}
 
 /// Bytes per second of a plain vectorised read of a buffer far larger than the last-level
-/// cache (kDramProbeBytes) with `threads` threads: the memory bus. read_bandwidth(bytes) is
+/// cache (dram_probe_bytes()) with `threads` threads: the memory bus. read_bandwidth(bytes) is
 /// the read of a cache's own size, which sits in L2/L3 when the cache does.
-inline double dram_read_bandwidth(int threads = 1) { return read_bandwidth(kDramProbeBytes, threads); }
+inline double dram_read_bandwidth(int threads = 1) { return read_bandwidth(dram_probe_bytes(), threads); }
 
 /// The context lines every benchmark binary prints in its header: the kernel variant attend()
 /// runs (kvcache::kernel_isa(), KVCACHE_ISA caps it) and the DRAM probe's size.
 inline void add_common_context() {
   benchmark::AddCustomContext("kvcache_kernel_isa", kvcache::kernel_isa());
-  benchmark::AddCustomContext("kvcache_dram_probe_MiB", std::to_string(kDramProbeBytes >> 20));
+  benchmark::AddCustomContext("kvcache_dram_probe_MiB", std::to_string(dram_probe_bytes() >> 20));
 }
 
 // ---------------------------------------------------------------------------------------------
