@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -172,37 +173,70 @@ inline double timed_read(const float* data, std::size_t n, int threads, int reps
 
 }  // namespace detail
 
-/// Bytes per second of a plain vectorised read of `bytes` bytes with `threads` threads: the
-/// median of at least 7 timed passes (and at least 0.2 s) after one warm-up pass, over a
-/// buffer of exactly that size (so it sits in L2/L3 when the cache does, and streams from
-/// DRAM when the cache does). A timed pass re-reads a small buffer until it has read 64 MiB,
-/// so thread dispatch does not dominate, as a decode loop re-reads a small cache. Measured
-/// once per (bytes, threads) per process and cached. The buffer is a KVBuffer, like the
-/// caches' storage.
+/// A read probe: a plain vectorised read of a buffer of `bytes` bytes (so it sits in L2/L3 when
+/// a cache of that size does, and streams from DRAM when the cache does) with some number of
+/// threads. Each pass reads about 64 MiB, so thread dispatch does not dominate: a buffer smaller
+/// than that is re-read until it has read 64 MiB (as a decode loop re-reads a small cache); a
+/// larger one is cut into equal windows of at least 64 MiB and a pass reads the next window,
+/// so the buffer is read in order and, when it is far larger than the last-level cache, no
+/// window is still in cache when its turn comes again. The buffer is a KVBuffer, like the
+/// caches' storage (aligned, on huge pages where the system gives them), so the probe reads
+/// memory on the same terms.
+class ReadProbe {
+ public:
+  explicit ReadProbe(std::size_t bytes)
+      : buffer_(std::max<std::size_t>(bytes / sizeof(float), 64)),
+        windows_(std::max<std::size_t>(1, buffer_.size() / kPassFloats)),
+        window_(buffer_.size() / windows_),
+        reps_(windows_ > 1 ? 1 : static_cast<int>((kPassFloats + buffer_.size() - 1) / buffer_.size())) {
+    fill_random(buffer_.data(), buffer_.size(), /*seed=*/12345);
+  }
+
+  /// Seconds of the next pass with `threads` threads.
+  double pass(int threads) {
+    const float* start = buffer_.data() + next_ * window_;
+    next_ = (next_ + 1) % windows_;
+    return detail::timed_read(start, window_, threads, reps_);
+  }
+  /// Bytes one pass reads.
+  double pass_bytes() const { return static_cast<double>(reps_) * static_cast<double>(window_ * sizeof(float)); }
+  /// Passes in one sweep of the buffer.
+  std::size_t windows() const { return windows_; }
+
+ private:
+  static constexpr std::size_t kPassFloats = (std::size_t(64) << 20) / sizeof(float);
+  kvcache::detail::KVBuffer<float> buffer_;
+  std::size_t windows_, window_;
+  int reps_;
+  std::size_t next_ = 0;
+};
+
+/// Bytes per second of a probe's median pass with `threads` threads: one warm-up sweep (page
+/// faults, caches, clocks), then at least 7 passes, at least one sweep and at least 0.2 s.
+inline double measure_read(ReadProbe& probe, int threads) {
+  for (std::size_t i = 0; i < probe.windows(); ++i) probe.pass(threads);
+  std::vector<double> seconds;
+  double total = 0;
+  while (seconds.size() < std::max<std::size_t>(7, probe.windows()) ||
+         (total < 0.2 && seconds.size() < 1000)) {
+    seconds.push_back(probe.pass(threads));
+    total += seconds.back();
+  }
+  const auto middle = seconds.begin() + static_cast<std::ptrdiff_t>(seconds.size() / 2);
+  std::nth_element(seconds.begin(), middle, seconds.end());
+  return probe.pass_bytes() / *middle;
+}
+
+/// Bytes per second of a plain vectorised read of `bytes` bytes with `threads` threads
+/// (measure_read of a ReadProbe of that size), once per (bytes, threads) per process, then
+/// cached; the probe's buffer is freed.
 inline double read_bandwidth(std::size_t bytes, int threads = 1) {
   static std::map<std::pair<std::size_t, int>, double> measured;
   const auto key = std::make_pair(bytes, threads);
   const auto found = measured.find(key);
   if (found != measured.end()) return found->second;
-
-  const std::size_t n = std::max<std::size_t>(bytes / sizeof(float), 64);
-  // Allocated as the caches allocate their K/V (kvcache/detail/kv_buffer.hpp: aligned, on
-  // huge pages where the system gives them), so the probe reads memory on the same terms.
-  kvcache::detail::KVBuffer<float> buffer(n);
-  fill_random(buffer.data(), n, /*seed=*/12345);
-  constexpr std::size_t kMinPassBytes = std::size_t(64) << 20;
-  const int reps = static_cast<int>((kMinPassBytes + n * sizeof(float) - 1) / (n * sizeof(float)));
-  detail::timed_read(buffer.data(), n, threads, reps);  // warm-up: page faults, caches, clocks
-  std::vector<double> seconds;
-  double total = 0;
-  while (seconds.size() < 7 || (total < 0.2 && seconds.size() < 1000)) {
-    seconds.push_back(detail::timed_read(buffer.data(), n, threads, reps));
-    total += seconds.back();
-  }
-  std::nth_element(seconds.begin(), seconds.begin() + static_cast<std::ptrdiff_t>(seconds.size() / 2),
-                   seconds.end());
-  const double bandwidth =
-      static_cast<double>(reps) * static_cast<double>(n * sizeof(float)) / seconds[seconds.size() / 2];
+  ReadProbe probe(bytes);
+  const double bandwidth = measure_read(probe, threads);
   measured.emplace(key, bandwidth);
   return bandwidth;
 }
@@ -231,10 +265,36 @@ inline std::size_t dram_probe_bytes() {
   return bytes;
 }
 
-/// Bytes per second of a plain vectorised read of a buffer far larger than the last-level
-/// cache (dram_probe_bytes()) with `threads` threads: the memory bus. read_bandwidth(bytes) is
-/// the read of a cache's own size, which sits in L2/L3 when the cache does.
-inline double dram_read_bandwidth(int threads = 1) { return read_bandwidth(dram_probe_bytes(), threads); }
+/// The DRAM probe: a ReadProbe over a buffer far larger than the last-level cache
+/// (dram_probe_bytes()), one per process, kept so that a benchmark can read it again right
+/// after its timing loop.
+inline ReadProbe& dram_probe() {
+  static ReadProbe probe(dram_probe_bytes());
+  return probe;
+}
+
+/// Bytes per second of a plain vectorised read of the DRAM probe with `threads` threads: the
+/// memory bus (measure_read, once per thread count per process). read_bandwidth(bytes) is the
+/// read of a cache's own size, which sits in L2/L3 when the cache does.
+inline double dram_read_bandwidth(int threads = 1) {
+  static std::map<int, double> measured;
+  const auto found = measured.find(threads);
+  if (found != measured.end()) return found->second;
+  const double bandwidth = measure_read(dram_probe(), threads);
+  measured.emplace(threads, bandwidth);
+  return bandwidth;
+}
+
+/// Bytes per second of the fastest of `passes` passes of the DRAM probe with `threads` threads,
+/// measured now: a shared machine's bus moves by tens of percent over minutes (other tenants),
+/// so a benchmark's fastest step is compared with the bus as it was right after its loop,
+/// not as it was when the process started.
+inline double dram_fastest_now(int threads, int passes = 16) {
+  ReadProbe& probe = dram_probe();
+  double fastest = std::numeric_limits<double>::infinity();
+  for (int i = 0; i < passes; ++i) fastest = std::min(fastest, probe.pass(threads));
+  return probe.pass_bytes() / fastest;
+}
 
 /// The context lines every benchmark binary prints in its header: the kernel variant attend()
 /// runs (kvcache::kernel_isa(), KVCACHE_ISA caps it) and the DRAM probe's size.
@@ -281,22 +341,47 @@ class LoopTimer {
   std::chrono::steady_clock::time_point start_;
 };
 
+/// The fastest step of a benchmark's timing loop: call start() right before the step and
+/// stop() right after it (two clock reads, tens of nanoseconds against a step of 0.1 ms or
+/// more). On a shared machine a step that nothing else disturbed is the steadiest figure.
+class FastestStep {
+ public:
+  void start() { start_ = std::chrono::steady_clock::now(); }
+  void stop() {
+    fastest_ = std::min(fastest_, std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
+  }
+  double seconds() const { return fastest_; }
+
+ private:
+  std::chrono::steady_clock::time_point start_;
+  double fastest_ = std::numeric_limits<double>::infinity();
+};
+
 /// After the timing loop of a decode benchmark: bytes/s (SetBytesProcessed with the K/V bytes
 /// read per step), "roofline" = (bytes/s) / (read bandwidth of as many bytes with as many
 /// threads: hot when the cache fits in L2/L3), "roofline_dram" = (bytes/s) / (read bandwidth of
-/// a buffer far larger than the last-level cache with as many threads: the bus), plus the
-/// plain numbers the plot script needs. Benchmarks must UseRealTime().
+/// a buffer far larger than the last-level cache with as many threads: the bus), both from
+/// the loop's mean step and the probes' median pass; "fastest_ms" (the fastest step) and
+/// "roofline_dram_fastest" = (bytes / fastest step) / (the fastest of 16 DRAM probe passes read
+/// right after the loop, dram_fastest_now): the same ratio from each side's least disturbed
+/// run at the same time, which a noisy machine moves far less; plus the plain numbers the plot
+/// script needs. Benchmarks must UseRealTime().
 /// `loop_seconds`: wall time of the whole timing loop (LoopTimer).
 inline void report_decode_counters(benchmark::State& state, std::size_t bytes_per_step,
                                    double read_bytes_per_second, Index n_kv, int threads,
-                                   double loop_seconds) {
+                                   double loop_seconds, const FastestStep& fastest) {
   const auto iterations = static_cast<double>(state.iterations());
   state.SetBytesProcessed(static_cast<std::int64_t>(bytes_per_step) * state.iterations());
   const double bytes_per_second = iterations * static_cast<double>(bytes_per_step) / loop_seconds;
+  const double dram_median = dram_read_bandwidth(threads);
   state.counters["roofline"] = bytes_per_second / read_bytes_per_second;
-  state.counters["roofline_dram"] = bytes_per_second / dram_read_bandwidth(threads);
+  state.counters["roofline_dram"] = bytes_per_second / dram_median;
+  state.counters["fastest_ms"] = fastest.seconds() * 1e3;
+  state.counters["roofline_dram_fastest"] =
+      static_cast<double>(bytes_per_step) / fastest.seconds() / dram_fastest_now(threads);
   state.counters["GBps"] = bytes_per_second * 1e-9;
   state.counters["read_GBps"] = read_bytes_per_second * 1e-9;
+  state.counters["dram_GBps"] = dram_median * 1e-9;
   state.counters["kv_MiB"] = static_cast<double>(bytes_per_step) / (1024.0 * 1024.0);
   state.counters["n_kv"] = static_cast<double>(n_kv);
   state.counters["threads"] = threads;

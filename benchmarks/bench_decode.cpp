@@ -33,10 +33,14 @@
 //   roofline          GBps / read bandwidth of a plain vectorised sum over as many
 //                     bytes with as many threads, measured in this process (read_GBps):
 //                     the hot ratio when the cache fits in L2/L3
-//   roofline_dram     GBps / read bandwidth of a 256 MiB buffer (far past the last-level
-//                     cache) with as many threads: the ratio to the memory bus. A cache larger
-//                     than the LLC (fp32 at 16384: 128 MiB) streams from DRAM, and then both
-//                     ratios agree; a smaller one (int4 at 16384: 20 MiB) is read hot.
+//   roofline_dram     GBps / read bandwidth of a buffer four times the last-level cache and
+//                     at least 256 MiB (dram_GBps; the header's kvcache_dram_probe_MiB) with
+//                     as many threads: the ratio to the memory bus. A cache larger than the
+//                     LLC streams from DRAM, and then both ratios agree; a smaller one (int4 at
+//                     16384: 20 MiB) is read hot.
+//   fastest_ms        the fastest step of the timing loop
+//   roofline_dram_fastest  (K/V bytes / fastest step) / the DRAM probe's fastest pass: the bus
+//                     ratio from each side's least disturbed run, steadier on a noisy machine
 // The header names the kernel variant (kvcache_kernel_isa; KVCACHE_ISA=scalar|avx2|avx512).
 //   kv_MiB, n_kv, threads
 #include "bench_common.hpp"
@@ -129,13 +133,16 @@ void decode(benchmark::State& state, const std::string& key,
   // The decode loop of an engine: one output and one workspace for every step, no allocation.
   Tensor4<T> out(q.dimensions());
   kvcache::AttendWorkspace workspace;
+  FastestStep fastest;
   const LoopTimer timer;
   for (auto _ : state) {
+    fastest.start();
     kvcache::attend(q, *cache, out, workspace, options);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
+    fastest.stop();
   }
-  report_decode_counters(state, bytes, read_bw, n_kv, threads, timer.seconds());
+  report_decode_counters(state, bytes, read_bw, n_kv, threads, timer.seconds(), fastest);
 }
 
 template <class Cache>
