@@ -293,19 +293,14 @@ template <class Source, class Acc, class ValueRows, class Prefetch = RowPrefetch
 void accumulate_all_rows(Acc* accumulators, Index num_rows, Index row_stride, Index columns,
                          const Acc* weights, Index weight_stride, const ValueRows& value_rows,
                          Index n, Prefetch prefetch = {}) {
-  Index row = 0;
-  for (; row + 4 <= num_rows; row += 4, prefetch = Prefetch{}) {
-    Acc* acc[4];
+  for_row_groups<4>(num_rows, [&](auto rows, Index row) {
+    constexpr int kRows = decltype(rows)::value;
+    Acc* acc[count(kRows)];
     #pragma GCC unroll 16
-    for (int r = 0; r < 4; ++r) acc[r] = accumulators + (row + r) * row_stride;
-    accumulate_rows<4, Source>(acc, weights + row * weight_stride, weight_stride, value_rows, n,
-                               columns, prefetch);
-  }
-  for (; row < num_rows; ++row, prefetch = Prefetch{}) {
-    Acc* acc[1] = {accumulators + row * row_stride};
-    accumulate_rows<1, Source>(acc, weights + row * weight_stride, weight_stride, value_rows, n,
-                               columns, prefetch);
-  }
+    for (int r = 0; r < kRows; ++r) acc[r] = accumulators + (row + r) * row_stride;
+    accumulate_rows<kRows, Source>(acc, weights + row * weight_stride, weight_stride, value_rows,
+                                   n, columns, row == 0 ? prefetch : Prefetch{});
+  });
 }
 
 /// The score tile of a block for many rows (prefill): tile[r][j] = q_r . k_j for num_rows rows
@@ -344,20 +339,11 @@ void tile_scores(const Acc* queries, Index num_rows, Index head_dim, const Acc* 
       #pragma GCC unroll 16
       for (int s = 0; s < kVecs; ++s) lane[r][s].store(tile + (row + r) * kKeyBlock + j + s * kWidth);
   };
-  using One = std::integral_constant<int, 1>;
-  using Two = std::integral_constant<int, 2>;
-  using Four = std::integral_constant<int, 4>;
-  Index row = 0;
-  for (; row + 4 <= num_rows; row += 4) {
+  for_row_groups<4>(num_rows, [&](auto rows, Index row) {
     Index j = 0;
-    for (; j + 2 * kWidth <= columns; j += 2 * kWidth) block(Four{}, Two{}, row, j);
-    for (; j < columns; j += kWidth) block(Four{}, One{}, row, j);
-  }
-  for (; row < num_rows; ++row) {
-    Index j = 0;
-    for (; j + 2 * kWidth <= columns; j += 2 * kWidth) block(One{}, Two{}, row, j);
-    for (; j < columns; j += kWidth) block(One{}, One{}, row, j);
-  }
+    for (; j + 2 * kWidth <= columns; j += 2 * kWidth) block(rows, std::integral_constant<int, 2>{}, row, j);
+    for (; j < columns; j += kWidth) block(rows, std::integral_constant<int, 1>{}, row, j);
+  });
 }
 
 /// keys_t[c][j] = key j's element c, widened to Acc, for the n keys of a block (key j at

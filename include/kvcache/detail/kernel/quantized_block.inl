@@ -339,8 +339,9 @@ void accumulate_codes(const ItemRows<Acc>& rows, const Acc* weights, Index weigh
   constexpr int kStrip = V::accumulator_strip;
   const Index head_dim = rows.head_dim, groups = head_dim / group;
   const SpreadPrefetch none{};
-  auto strips = [&](auto rows_tag, Index row, bool first) {
+  for_row_groups<4>(rows.num_rows, [&](auto rows_tag, Index row) {
     constexpr int kRows = decltype(rows_tag)::value;
+    bool first = row == 0;
     Acc* acc[count(kRows)];
     #pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r) acc[r] = rows.accumulators + (row + r) * head_dim;
@@ -382,10 +383,7 @@ void accumulate_codes(const ItemRows<Acc>& rows, const Acc* weights, Index weigh
         accumulate_codes_strip<kRows, 1, Bits>(acc, w, weight_stride, codes, row_bytes, scales,
                                                zeros, groups, group, n, c, none);
     }
-  };
-  Index row = 0;
-  for (; row + 4 <= rows.num_rows; row += 4) strips(std::integral_constant<int, 4>{}, row, row == 0);
-  for (; row < rows.num_rows; ++row) strips(std::integral_constant<int, 1>{}, row, row == 0);
+  });
 }
 
 /// Whether some value group of a block can dequantize to kBfloat16Max or beyond in magnitude

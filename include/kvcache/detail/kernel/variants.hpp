@@ -43,6 +43,7 @@ UnitFunction<T, Acc> unit_function(Isa isa);
 
 namespace isa_scalar {
 using FloatVec = PortableVec<float, 4>;
+#include <kvcache/detail/kernel/row_groups.inl>
 #include <kvcache/detail/kernel/block_math.inl>
 #include <kvcache/detail/kernel/dense_block.inl>
 #include <kvcache/detail/kernel/quantized_block.inl>
@@ -59,6 +60,7 @@ using FloatVec = PortableVec<float, 4>;
 #pragma GCC target("avx2,fma,f16c")
 #endif
 namespace isa_avx2 {
+#include <kvcache/detail/kernel/row_groups.inl>
 #include <kvcache/detail/kernel/vec_avx2.inl>
 #include <kvcache/detail/kernel/block_math.inl>
 #include <kvcache/detail/kernel/dense_block.inl>
@@ -82,6 +84,7 @@ namespace isa_avx2 {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni")
 #endif
 namespace isa_avx512_vnni {
+#include <kvcache/detail/kernel/row_groups.inl>
 #include <kvcache/detail/kernel/vec_avx512_vnni.inl>
 }  // namespace isa_avx512_vnni
 #if defined(__clang__)
@@ -105,6 +108,7 @@ namespace isa_avx512_vnni {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 namespace isa_avx512 {
+#include <kvcache/detail/kernel/row_groups.inl>
 #include <kvcache/detail/kernel/vec_avx512.inl>
 #include <kvcache/detail/kernel/block_math.inl>
 #include <kvcache/detail/kernel/dense_block.inl>

@@ -57,11 +57,9 @@ struct FloatVec {
                             std::int32_t* sums, std::int8_t* split, const Prefetch& prefetch) {
     (void)split;
     if (keys.quad_rows % 8 != 0) return false;
-    Index row = 0;
-    bool first = true;
-    for (; row + 2 <= num_rows; row += 2, first = false)
-      code_dot_rows<Bits, 2>(keys, query, row, sums, prefetch, first);
-    for (; row < num_rows; ++row, first = false) code_dot_rows<Bits, 1>(keys, query, row, sums, prefetch, first);
+    for_row_groups<2>(num_rows, [&](auto rows, Index row) {
+      code_dot_rows<Bits, decltype(rows)::value>(keys, query, row, sums, prefetch, row == 0);
+    });
     return true;
   }
 

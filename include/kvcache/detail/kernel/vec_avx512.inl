@@ -56,11 +56,9 @@ struct FloatVec {
       return isa_avx512_vnni::key_code_dots<Bits>(keys, query, num_rows, sums, split, prefetch);
     if (keys.quad_rows % 16 != 0)
       return isa_avx2::FloatVec::key_code_dots<Bits>(keys, query, num_rows, sums, split, prefetch);
-    Index row = 0;
-    bool first = true;
-    for (; row + 4 <= num_rows; row += 4, first = false)
-      code_dot_rows<Bits, 4>(keys, query, row, sums, prefetch, first);
-    for (; row < num_rows; ++row, first = false) code_dot_rows<Bits, 1>(keys, query, row, sums, prefetch, first);
+    for_row_groups<4>(num_rows, [&](auto rows, Index row) {
+      code_dot_rows<Bits, decltype(rows)::value>(keys, query, row, sums, prefetch, row == 0);
+    });
     return true;
   }
 

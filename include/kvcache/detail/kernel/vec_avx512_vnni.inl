@@ -100,11 +100,8 @@ bool key_code_dots(const KeyQuads& keys, const std::int16_t* query, Index num_ro
     _mm256_mask_storeu_epi8(low + i, lanes, _mm512_maskz_cvtepi16_epi8(lanes, lo));
     _mm256_mask_storeu_epi8(high + i, lanes, _mm512_maskz_cvtepi16_epi8(lanes, hi));
   }
-  Index row = 0;
-  bool first = true;
-  for (; row + 4 <= num_rows; row += 4, first = false)
-    code_dot_rows<Bits, 4>(keys, low, high, row, sums, prefetch, first);
-  for (; row < num_rows; ++row, first = false)
-    code_dot_rows<Bits, 1>(keys, low, high, row, sums, prefetch, first);
+  for_row_groups<4>(num_rows, [&](auto rows, Index row) {
+    code_dot_rows<Bits, decltype(rows)::value>(keys, low, high, row, sums, prefetch, row == 0);
+  });
   return true;
 }
