@@ -39,8 +39,9 @@
 //                     LLC streams from DRAM, and then both ratios agree; a smaller one (int4 at
 //                     16384: 20 MiB) is read hot.
 //   fastest_ms        the fastest step of the timing loop
-//   roofline_dram_fastest  (K/V bytes / fastest step) / the DRAM probe's fastest pass: the bus
-//                     ratio from each side's least disturbed run, steadier on a noisy machine
+//   roofline_dram_fastest  (K/V bytes / fastest step) / the fastest of 16 DRAM probe passes
+//                     read right after the loop: the bus ratio from each side's least
+//                     disturbed run, steadier on a noisy machine
 // The header names the kernel variant (kvcache_kernel_isa; KVCACHE_ISA=scalar|avx2|avx512).
 //   kv_MiB, n_kv, threads
 #include "bench_common.hpp"
