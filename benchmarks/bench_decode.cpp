@@ -44,10 +44,24 @@
 //                     disturbed run, steadier on a noisy machine
 // The header names the kernel variant (kvcache_kernel_isa; KVCACHE_ISA=scalar|avx2|avx512).
 //   kv_MiB, n_kv, threads
+//
+// decode_layers/<kind>/D128/nkv16384/thr<threads> (kinds static_fp32, static_bf16, static_fp16,
+// int8, int4; --full adds nkv65536): one decode step of a model, L layers of that kind and shape
+// (each its own cache, a copy of one filled layer) attended in turn with one workspace, as an
+// engine's step goes. L is the fewest layers whose K/V bytes reach the DRAM probe's size (four
+// times the last-level cache, at least 256 MiB), so every layer streams from DRAM however much
+// of one layer the LLC would keep between steps: on a CPU with a large L3 (300 MiB on one Xeon
+// here) a single 16K-token layer of 20-128 MiB is read partly from it, and its ratios mix the
+// two. Its counters are the ones above for the whole step (kv_MiB all layers; roofline is
+// roofline_dram), plus
+//   layers             L
+//   layer_ms           the mean time of one layer's attend (step time / L)
+//   fastest_layer_ms   the fastest step / L
 #include "bench_common.hpp"
 
 #include <functional>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -146,6 +160,62 @@ void decode(benchmark::State& state, const std::string& key,
   report_decode_counters(state, bytes, read_bw, n_kv, threads, timer.seconds(), fastest);
 }
 
+// One decode step over L layers (the header: decode_layers).
+template <class Cache>
+void decode_layers(benchmark::State& state, const std::function<std::shared_ptr<Cache>()>& build,
+                   Index n_kv, Index d, int threads) {
+  using T = typename Cache::element_type;
+  std::vector<Cache> layers;
+  std::size_t layer_bytes = 0;
+  {
+    const std::shared_ptr<Cache> first = build();
+    layer_bytes = kv_bytes_read(*first);
+    const std::size_t count =
+        std::max<std::size_t>(2, (dram_probe_bytes() + layer_bytes - 1) / layer_bytes);
+    layers.reserve(count);
+    for (std::size_t i = 0; i < count; ++i) layers.push_back(*first);
+  }
+  const Tensor4<T> q = random_tensor<T>(kBatch, kQueryHeads, 1, d, 7);
+  kvcache::AttendOptions options;
+  options.device = device_for(threads);
+  Tensor4<T> out(q.dimensions());
+  kvcache::AttendWorkspace workspace;
+  FastestStep fastest;
+  const LoopTimer timer;
+  for (auto _ : state) {
+    fastest.start();
+    for (const Cache& layer : layers) {
+      kvcache::attend(q, layer, out, workspace, options);
+      benchmark::DoNotOptimize(out.data());
+      benchmark::ClobberMemory();
+    }
+    fastest.stop();
+  }
+  const double seconds = timer.seconds();
+  const auto count = static_cast<double>(layers.size());
+  // The whole step streams from DRAM: its "hot" read is the DRAM probe's.
+  report_decode_counters(state, layer_bytes * layers.size(), dram_read_bandwidth(threads), n_kv,
+                         threads, seconds, fastest);
+  state.counters["layers"] = count;
+  state.counters["layer_ms"] = seconds / static_cast<double>(state.iterations()) / count * 1e3;
+  state.counters["fastest_layer_ms"] = fastest.seconds() / count * 1e3;
+}
+
+template <class Cache>
+void register_layers(const std::string& kind, Index d, Index n, const std::vector<int>& threads,
+                     std::function<std::shared_ptr<Cache>()> build) {
+  for (int t : threads) {
+    const std::string name = "decode_layers/" + kind + "/D" + std::to_string(d) + "/nkv" +
+                             std::to_string(n) + "/thr" + std::to_string(t);
+    benchmark::RegisterBenchmark(name.c_str(),
+                                 [build, n, d, t](benchmark::State& state) {
+                                   decode_layers<Cache>(state, build, n, d, t);
+                                 })
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  }
+}
+
 template <class Cache>
 void register_kind(const std::string& kind, Index d, Index n, const std::vector<int>& threads,
                    std::function<std::shared_ptr<Cache>()> build) {
@@ -188,6 +258,21 @@ void register_all(bool full) {
                                                  [n = n, d = d] { return build_prefix(n, d); });
     register_kind<kvcache::StaticKVCache<float>>(
         "static_fp32_1kv", d, n, threads, [n = n, d = d] { return build_static<float>(n, d, 1); });
+  }
+  std::vector<Index> model_lengths = {16384};
+  if (full) model_lengths.push_back(65536);
+  constexpr Index d = 128;
+  for (Index n : model_lengths) {
+    register_layers<kvcache::StaticKVCache<float>>("static_fp32", d, n, threads,
+                                                   [n] { return build_static<float>(n, d); });
+    register_layers<kvcache::StaticKVCache<Eigen::bfloat16>>(
+        "static_bf16", d, n, threads, [n] { return build_static<Eigen::bfloat16>(n, d); });
+    register_layers<kvcache::StaticKVCache<Eigen::half>>(
+        "static_fp16", d, n, threads, [n] { return build_static<Eigen::half>(n, d); });
+    register_layers<kvcache::Int8KVCache<float>>("int8", d, n, threads,
+                                                 [n] { return build_quantized<8>(n, d); });
+    register_layers<kvcache::Int4KVCache<float>>("int4", d, n, threads,
+                                                 [n] { return build_quantized<4>(n, d); });
   }
 }
 

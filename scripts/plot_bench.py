@@ -9,7 +9,9 @@ markdown tables.
   one panel per (head_dim, threads), with the measured read bandwidth (the probe over a buffer
   of the static fp32 cache's bytes) as the ceiling line; and a markdown table per head_dim:
   kind, n_kv, ms per step, GB/s and roofline at 1 and 2 threads, the 2-thread speed-up
-  (1-thread time / 2-thread time) and the time relative to static_fp32 (1 thread).
+  (1-thread time / 2-thread time) and the time relative to static_fp32 (1 thread); and for
+  the model steps (decode_layers/...) a table of each kind's layers, its time per layer (mean
+  and fastest), the fastest per layer relative to static_fp32's, and roofline_dram_fastest.
 * PREFILL.json, APPEND.json (optional): their tables (GFLOP/s and gemm_ratio; per-token append
   times and second_half_ratio).
 
@@ -25,6 +27,7 @@ from collections import defaultdict
 KIND_ORDER = ["static_fp32", "static_bf16", "static_fp16", "int8", "int4",
               "window4096_fp32", "prefix_fp32"]
 DECODE_NAME = re.compile(r"^decode/(?P<kind>[^/]+)/D(?P<d>\d+)/nkv(?P<n>\d+)/thr(?P<t>\d+)")
+LAYERS_NAME = re.compile(r"^decode_layers/(?P<kind>[^/]+)/D(?P<d>\d+)/nkv(?P<n>\d+)/thr(?P<t>\d+)")
 
 
 def load_runs(path):
@@ -59,11 +62,11 @@ def to_ms(run):
     return run["real_time"] * scale
 
 
-def decode_points(runs):
-    """{(kind, d, n, threads): run}."""
+def decode_points(runs, pattern=DECODE_NAME):
+    """{(kind, d, n, threads): run} of the names `pattern` matches."""
     points = {}
     for name, run in runs.items():
-        m = DECODE_NAME.match(name)
+        m = pattern.match(name)
         if m:
             points[(m["kind"], int(m["d"]), int(m["n"]), int(m["t"]))] = run
     return points
@@ -105,6 +108,25 @@ def decode_table(points):
                     f"| {fmt(to_ms(r2) if r2 else None)} | {fmt(gbps(r2) if r2 else None)} "
                     f"| {fmt(r2.get('roofline') if r2 else None, 3)} "
                     f"| {fmt(speedup)} | {fmt(rel)} |")
+    return "\n".join(out)
+
+
+def layers_table(points):
+    """The model steps (decode_layers): one row per kind, n_kv and thread count."""
+    if not points:
+        return ""
+    out = ["\n### decode, one model step (decode_layers: every layer from DRAM)\n",
+           "| kind | D | n_kv | threads | layers | ms per layer | fastest ms per layer "
+           "| fastest vs fp32 | roofline_dram_fastest |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for kind in kinds_in(points):
+        for (k, d, n, t) in sorted(key for key in points if key[0] == kind):
+            run, ref = points[(k, d, n, t)], points.get(("static_fp32", d, n, t))
+            rel = (run["fastest_layer_ms"] / ref["fastest_layer_ms"]
+                   if ref and "fastest_layer_ms" in run else None)
+            out.append(f"| {kind} | {d} | {n} | {t} | {fmt(run.get('layers'), 0)} "
+                       f"| {fmt(run.get('layer_ms'))} | {fmt(run.get('fastest_layer_ms'))} "
+                       f"| {fmt(rel)} | {fmt(run.get('roofline_dram_fastest'))} |")
     return "\n".join(out)
 
 
@@ -184,6 +206,7 @@ def main():
     print(f"# kvcache benchmarks ({context.get('date', '?')}, "
           f"{context.get('num_cpus', '?')} CPUs, load {context.get('load_avg', '?')})")
     print(decode_table(points))
+    print(layers_table(decode_points(runs, LAYERS_NAME)))
     if args.prefill:
         print(prefill_table(load_runs(args.prefill)[0]))
     if args.append:
