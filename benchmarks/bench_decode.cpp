@@ -57,6 +57,7 @@
 //   layers             L
 //   layer_ms           the mean time of one layer's attend (step time / L)
 //   fastest_layer_ms   the fastest step / L
+// Each runs for at least 3 s (a step reads 1-2 GiB), so the fastest is of several steps.
 #include "bench_common.hpp"
 
 #include <functional>
@@ -132,39 +133,49 @@ std::shared_ptr<kvcache::PrefixKVCache<float>> build_prefix(Index n, Index d) {
   return cache;
 }
 
+// The decode loop of an engine: one output and one workspace for every step, no allocation. A
+// step attends each of `layers` in turn: one cache (decode) or a model's L (decode_layers).
+// Returns the loop's seconds; `fastest` holds its fastest step.
+template <class Cache>
+double decode_steps(benchmark::State& state, const std::vector<const Cache*>& layers, Index d,
+                    int threads, FastestStep& fastest) {
+  using T = typename Cache::element_type;
+  // GQA 4:1 whatever the cache's KV heads (8, or 1 for the split-K case).
+  const Tensor4<T> q =
+      random_tensor<T>(kBatch, kQueryHeads / kKVHeads * layers.front()->num_heads(), 1, d, 7);
+  kvcache::AttendOptions options;
+  options.device = device_for(threads);
+  Tensor4<T> out(q.dimensions());
+  kvcache::AttendWorkspace workspace;
+  const LoopTimer timer;
+  for (auto _ : state) {
+    fastest.start();
+    for (const Cache* layer : layers) {
+      kvcache::attend(q, *layer, out, workspace, options);
+      benchmark::DoNotOptimize(out.data());
+      benchmark::ClobberMemory();
+    }
+    fastest.stop();
+  }
+  return timer.seconds();
+}
+
 template <class Cache>
 void decode(benchmark::State& state, const std::string& key,
             const std::function<std::shared_ptr<Cache>()>& build, Index n_kv, Index d,
             int threads) {
-  using T = typename Cache::element_type;
   const std::shared_ptr<Cache> cache = cached_cache<Cache>(key, build);
-  // GQA 4:1 whatever the cache's KV heads (8, or 1 for the split-K case).
-  const Tensor4<T> q = random_tensor<T>(kBatch, kQueryHeads / kKVHeads * cache->num_heads(), 1, d, 7);
-  kvcache::AttendOptions options;
-  options.device = device_for(threads);
   const std::size_t bytes = kv_bytes_read(*cache);
   const double read_bw = read_bandwidth(bytes, threads);  // cached per (bytes, threads)
-
-  // The decode loop of an engine: one output and one workspace for every step, no allocation.
-  Tensor4<T> out(q.dimensions());
-  kvcache::AttendWorkspace workspace;
   FastestStep fastest;
-  const LoopTimer timer;
-  for (auto _ : state) {
-    fastest.start();
-    kvcache::attend(q, *cache, out, workspace, options);
-    benchmark::DoNotOptimize(out.data());
-    benchmark::ClobberMemory();
-    fastest.stop();
-  }
-  report_decode_counters(state, bytes, read_bw, n_kv, threads, timer.seconds(), fastest);
+  const double seconds = decode_steps<Cache>(state, {cache.get()}, d, threads, fastest);
+  report_decode_counters(state, bytes, read_bw, n_kv, threads, seconds, fastest);
 }
 
 // One decode step over L layers (the header: decode_layers).
 template <class Cache>
 void decode_layers(benchmark::State& state, const std::function<std::shared_ptr<Cache>()>& build,
                    Index n_kv, Index d, int threads) {
-  using T = typename Cache::element_type;
   std::vector<Cache> layers;
   std::size_t layer_bytes = 0;
   {
@@ -175,23 +186,10 @@ void decode_layers(benchmark::State& state, const std::function<std::shared_ptr<
     layers.reserve(count);
     for (std::size_t i = 0; i < count; ++i) layers.push_back(*first);
   }
-  const Tensor4<T> q = random_tensor<T>(kBatch, kQueryHeads, 1, d, 7);
-  kvcache::AttendOptions options;
-  options.device = device_for(threads);
-  Tensor4<T> out(q.dimensions());
-  kvcache::AttendWorkspace workspace;
+  std::vector<const Cache*> step;
+  for (const Cache& layer : layers) step.push_back(&layer);
   FastestStep fastest;
-  const LoopTimer timer;
-  for (auto _ : state) {
-    fastest.start();
-    for (const Cache& layer : layers) {
-      kvcache::attend(q, layer, out, workspace, options);
-      benchmark::DoNotOptimize(out.data());
-      benchmark::ClobberMemory();
-    }
-    fastest.stop();
-  }
-  const double seconds = timer.seconds();
+  const double seconds = decode_steps<Cache>(state, step, d, threads, fastest);
   const auto count = static_cast<double>(layers.size());
   // The whole step streams from DRAM: its "hot" read is the DRAM probe's.
   report_decode_counters(state, layer_bytes * layers.size(), dram_read_bandwidth(threads), n_kv,
@@ -212,6 +210,7 @@ void register_layers(const std::string& kind, Index d, Index n, const std::vecto
                                    decode_layers<Cache>(state, build, n, d, t);
                                  })
         ->UseRealTime()
+        ->MinTime(3.0)  // a step is 0.1-0.5 s: at least a handful for fastest_layer_ms
         ->Unit(benchmark::kMillisecond);
   }
 }
