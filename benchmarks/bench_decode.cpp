@@ -199,35 +199,36 @@ void decode_layers(benchmark::State& state, const std::function<std::shared_ptr<
   state.counters["fastest_layer_ms"] = fastest.seconds() / count * 1e3;
 }
 
-template <class Cache>
-void register_layers(const std::string& kind, Index d, Index n, const std::vector<int>& threads,
-                     std::function<std::shared_ptr<Cache>()> build) {
+// Registers prefix + kind/D<d>/nkv<n>/thr<t> for each thread count, running
+// body(state, t); min_time 0 keeps Google Benchmark's default.
+void register_decode(const std::string& prefix, const std::string& kind, Index d, Index n,
+                     const std::vector<int>& threads, double min_time,
+                     const std::function<void(benchmark::State&, int)>& body) {
   for (int t : threads) {
-    const std::string name = "decode_layers/" + kind + "/D" + std::to_string(d) + "/nkv" +
+    const std::string name = prefix + kind + "/D" + std::to_string(d) + "/nkv" +
                              std::to_string(n) + "/thr" + std::to_string(t);
-    benchmark::RegisterBenchmark(name.c_str(),
-                                 [build, n, d, t](benchmark::State& state) {
-                                   decode_layers<Cache>(state, build, n, d, t);
-                                 })
-        ->UseRealTime()
-        ->MinTime(3.0)  // a step is 0.1-0.5 s: at least a handful for fastest_layer_ms
-        ->Unit(benchmark::kMillisecond);
+    auto* bench = benchmark::RegisterBenchmark(
+        name.c_str(), [body, t](benchmark::State& state) { body(state, t); });
+    bench->UseRealTime()->Unit(benchmark::kMillisecond);
+    if (min_time > 0) bench->MinTime(min_time);
   }
 }
 
-template <class Cache>
-void register_kind(const std::string& kind, Index d, Index n, const std::vector<int>& threads,
-                   std::function<std::shared_ptr<Cache>()> build) {
-  const std::string key = kind + "/D" + std::to_string(d) + "/nkv" + std::to_string(n);
-  for (int t : threads) {
-    const std::string name = "decode/" + key + "/thr" + std::to_string(t);
-    benchmark::RegisterBenchmark(name.c_str(),
-                                 [key, build, n, d, t](benchmark::State& state) {
-                                   decode<Cache>(state, key, build, n, d, t);
-                                 })
-        ->UseRealTime()
-        ->Unit(benchmark::kMillisecond);
-  }
+// Calls visit(kind, build) for the five kinds a model's layers come in, build making one
+// filled layer of n tokens (a std::function returning a shared_ptr to the cache type).
+template <class Visit>
+void for_each_layer_kind(Index d, Index n, Visit&& visit) {
+  using kvcache::StaticKVCache;
+  visit("static_fp32", std::function<std::shared_ptr<StaticKVCache<float>>()>(
+                           [n, d] { return build_static<float>(n, d); }));
+  visit("static_bf16", std::function<std::shared_ptr<StaticKVCache<Eigen::bfloat16>>()>(
+                           [n, d] { return build_static<Eigen::bfloat16>(n, d); }));
+  visit("static_fp16", std::function<std::shared_ptr<StaticKVCache<Eigen::half>>()>(
+                           [n, d] { return build_static<Eigen::half>(n, d); }));
+  visit("int8", std::function<std::shared_ptr<kvcache::Int8KVCache<float>>()>(
+                    [n, d] { return build_quantized<8>(n, d); }));
+  visit("int4", std::function<std::shared_ptr<kvcache::Int4KVCache<float>>()>(
+                    [n, d] { return build_quantized<4>(n, d); }));
 }
 
 void register_all(bool full) {
@@ -241,38 +242,37 @@ void register_all(bool full) {
   }
   const std::vector<int> threads = {1, 2};
   for (const auto& [d, n] : configs) {
-    register_kind<kvcache::StaticKVCache<float>>("static_fp32", d, n, threads,
-                                                 [n = n, d = d] { return build_static<float>(n, d); });
-    register_kind<kvcache::StaticKVCache<Eigen::bfloat16>>(
-        "static_bf16", d, n, threads, [n = n, d = d] { return build_static<Eigen::bfloat16>(n, d); });
-    register_kind<kvcache::StaticKVCache<Eigen::half>>(
-        "static_fp16", d, n, threads, [n = n, d = d] { return build_static<Eigen::half>(n, d); });
-    register_kind<kvcache::Int8KVCache<float>>("int8", d, n, threads,
-                                               [n = n, d = d] { return build_quantized<8>(n, d); });
-    register_kind<kvcache::Int4KVCache<float>>("int4", d, n, threads,
-                                               [n = n, d = d] { return build_quantized<4>(n, d); });
-    register_kind<kvcache::SlidingWindowKVCache<float>>(
-        "window4096_fp32", d, n, threads, [n = n, d = d] { return build_window(n, d); });
-    register_kind<kvcache::PrefixKVCache<float>>("prefix_fp32", d, n, threads,
-                                                 [n = n, d = d] { return build_prefix(n, d); });
-    register_kind<kvcache::StaticKVCache<float>>(
-        "static_fp32_1kv", d, n, threads, [n = n, d = d] { return build_static<float>(n, d, 1); });
+    // One cache attended again and again (the header: decode).
+    auto single = [&, d = d, n = n](const std::string& kind, auto build) {
+      using Cache = typename decltype(build())::element_type;
+      const std::string key = kind + "/D" + std::to_string(d) + "/nkv" + std::to_string(n);
+      register_decode("decode/", kind, d, n, threads, 0,
+                      [key, build, n, d](benchmark::State& state, int t) {
+                        decode<Cache>(state, key, build, n, d, t);
+                      });
+    };
+    for_each_layer_kind(d, n, single);
+    single("window4096_fp32",
+           std::function<std::shared_ptr<kvcache::SlidingWindowKVCache<float>>()>(
+               [n = n, d = d] { return build_window(n, d); }));
+    single("prefix_fp32", std::function<std::shared_ptr<kvcache::PrefixKVCache<float>>()>(
+                              [n = n, d = d] { return build_prefix(n, d); }));
+    single("static_fp32_1kv",
+           std::function<std::shared_ptr<kvcache::StaticKVCache<float>>()>(
+               [n = n, d = d] { return build_static<float>(n, d, 1); }));
   }
   std::vector<Index> model_lengths = {16384};
   if (full) model_lengths.push_back(65536);
-  constexpr Index d = 128;
-  for (Index n : model_lengths) {
-    register_layers<kvcache::StaticKVCache<float>>("static_fp32", d, n, threads,
-                                                   [n] { return build_static<float>(n, d); });
-    register_layers<kvcache::StaticKVCache<Eigen::bfloat16>>(
-        "static_bf16", d, n, threads, [n] { return build_static<Eigen::bfloat16>(n, d); });
-    register_layers<kvcache::StaticKVCache<Eigen::half>>(
-        "static_fp16", d, n, threads, [n] { return build_static<Eigen::half>(n, d); });
-    register_layers<kvcache::Int8KVCache<float>>("int8", d, n, threads,
-                                                 [n] { return build_quantized<8>(n, d); });
-    register_layers<kvcache::Int4KVCache<float>>("int4", d, n, threads,
-                                                 [n] { return build_quantized<4>(n, d); });
-  }
+  static constexpr Index kModelHeadDim = 128;  // Llama-3-8B's
+  for (Index n : model_lengths)
+    for_each_layer_kind(kModelHeadDim, n, [&](const std::string& kind, auto build) {
+      using Cache = typename decltype(build())::element_type;
+      // A step is 0.1-0.5 s: at least 3 s gives a handful of steps for fastest_layer_ms.
+      register_decode("decode_layers/", kind, kModelHeadDim, n, threads, 3.0,
+                      [build, n](benchmark::State& state, int t) {
+                        decode_layers<Cache>(state, build, n, kModelHeadDim, t);
+                      });
+    });
 }
 
 }  // namespace
