@@ -199,14 +199,18 @@ void decode_layers(benchmark::State& state, const std::function<std::shared_ptr<
   state.counters["fastest_layer_ms"] = fastest.seconds() / count * 1e3;
 }
 
-// Registers prefix + kind/D<d>/nkv<n>/thr<t> for each thread count, running
+// kind/D<d>/nkv<n>: a configuration's name, and the key of its filled cache (cached_cache).
+std::string decode_key(const std::string& kind, Index d, Index n) {
+  return kind + "/D" + std::to_string(d) + "/nkv" + std::to_string(n);
+}
+
+// Registers prefix + key/thr<t> for each thread count (key from decode_key), running
 // body(state, t); min_time 0 keeps Google Benchmark's default.
-void register_decode(const std::string& prefix, const std::string& kind, Index d, Index n,
+void register_decode(const std::string& prefix, const std::string& key,
                      const std::vector<int>& threads, double min_time,
                      const std::function<void(benchmark::State&, int)>& body) {
   for (int t : threads) {
-    const std::string name = prefix + kind + "/D" + std::to_string(d) + "/nkv" +
-                             std::to_string(n) + "/thr" + std::to_string(t);
+    const std::string name = prefix + key + "/thr" + std::to_string(t);
     auto* bench = benchmark::RegisterBenchmark(
         name.c_str(), [body, t](benchmark::State& state) { body(state, t); });
     bench->UseRealTime()->Unit(benchmark::kMillisecond);
@@ -245,8 +249,8 @@ void register_all(bool full) {
     // One cache attended again and again (the header: decode).
     auto single = [&, d = d, n = n](const std::string& kind, auto build) {
       using Cache = typename decltype(build())::element_type;
-      const std::string key = kind + "/D" + std::to_string(d) + "/nkv" + std::to_string(n);
-      register_decode("decode/", kind, d, n, threads, 0,
+      const std::string key = decode_key(kind, d, n);
+      register_decode("decode/", key, threads, 0,
                       [key, build, n, d](benchmark::State& state, int t) {
                         decode<Cache>(state, key, build, n, d, t);
                       });
@@ -268,7 +272,7 @@ void register_all(bool full) {
     for_each_layer_kind(kModelHeadDim, n, [&](const std::string& kind, auto build) {
       using Cache = typename decltype(build())::element_type;
       // A step is 0.1-0.5 s: at least 3 s gives a handful of steps for fastest_layer_ms.
-      register_decode("decode_layers/", kind, kModelHeadDim, n, threads, 3.0,
+      register_decode("decode_layers/", decode_key(kind, kModelHeadDim, n), threads, 3.0,
                       [build, n](benchmark::State& state, int t) {
                         decode_layers<Cache>(state, build, n, kModelHeadDim, t);
                       });
