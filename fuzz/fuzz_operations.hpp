@@ -331,10 +331,12 @@ class Driver {
     const std::vector<float>& src = keys ? k_ : v_;
     for (Index i = 0; i < n; ++i)
       for (Index b = 0; b < B_; ++b)
-        for (Index h = 0; h < H_; ++h)
-          for (Index d = 0; d < D_; ++d)
-            at<L>(out, b, h, i, d) = static_cast<T>(src[static_cast<std::size_t>(
-                positions[static_cast<std::size_t>(i)] * row_ + (b * H_ + h) * D_ + d)]);
+        for (Index h = 0; h < H_; ++h) {
+          const Index position = positions[static_cast<std::size_t>(i)];
+          const float* from = src.data() + position * row_ + (b * H_ + h) * D_;
+          T* to = kvtest::row<L>(out, b, h, i);
+          for (Index d = 0; d < D_; ++d) to[d] = static_cast<T>(from[d]);
+        }
     return out;
   }
 
