@@ -104,12 +104,6 @@ inline const Eigen::ThreadPoolDevice* pool_device() {
   return &device;
 }
 
-/// Element (b, h, s, d) of a tensor in layout L (const or not).
-template <class L, class X>
-decltype(auto) at(X& x, Index b, Index h, Index s, Index d) {
-  return kvtest::at<L>(x, b, h, s, d);
-}
-
 /// The unquantized tail length of a quantized cache holding `size` positions, from the README:
 /// the tail keeps C = max(residual_length, group_size - 1) positions at most; whole blocks of
 /// group_size leave it (oldest first) while it holds more.
@@ -357,11 +351,14 @@ class Driver {
   void append_to_model(const Tensor4<T>& k, const Tensor4<T>& v, Index b, Index n) {
     for (Index i = 0; i < n; ++i)
       for (Index bb = 0; bb < B_; ++bb)
-        for (Index h = 0; h < H_; ++h)
+        for (Index h = 0; h < H_; ++h) {
+          const T* k_row = bb < b ? kvtest::row<L>(k, bb, h, i) : nullptr;
+          const T* v_row = bb < b ? kvtest::row<L>(v, bb, h, i) : nullptr;
           for (Index d = 0; d < D_; ++d) {
-            k_.push_back(bb < b ? static_cast<float>(at<L>(k, bb, h, i, d)) : 0.0f);
-            v_.push_back(bb < b ? static_cast<float>(at<L>(v, bb, h, i, d)) : 0.0f);
+            k_.push_back(k_row != nullptr ? static_cast<float>(k_row[d]) : 0.0f);
+            v_.push_back(v_row != nullptr ? static_cast<float>(v_row[d]) : 0.0f);
           }
+        }
   }
 
   void truncate_model(Index n) {
@@ -433,9 +430,11 @@ class Driver {
       const double tol = q * 1.1 * (1.0 + q * 1.1 / levels) / levels + 1e-6 +
                          (q > 0 ? 2.0 * double(Eigen::NumTraits<T>::epsilon()) : 0.0);
       for (Index b = 0; b < B_; ++b)
-        for (Index h = 0; h < H_; ++h)
+        for (Index h = 0; h < H_; ++h) {
+          const T* got_row = kvtest::row<L>(got, b, h, p);
+          const T* want_row = kvtest::row<L>(want, b, h, p);
           for (Index d = 0; d < D_; ++d) {
-            const T x = at<L>(got, b, h, p, d), y = at<L>(want, b, h, p, d);
+            const T x = got_row[d], y = want_row[d];
             if (q == 0) {
               FUZZ_CHECK(std::memcmp(&x, &y, sizeof x) == 0, after, ": ", what, "() at position ",
                          p, " (unquantized tail) is ", float(x), ", appended ", float(y));
@@ -445,6 +444,7 @@ class Driver {
                          ", appended ", float(y), ", tolerance ", tol);
             }
           }
+        }
     }
   }
 

@@ -58,13 +58,15 @@ struct Model {
       chain = (chain ^ static_cast<std::uint32_t>(tokens[static_cast<std::size_t>(p)])) *
               1099511628211ull;
       if (p < begin) continue;
-      for (Index h = 0; h < num_heads; ++h)
+      for (Index h = 0; h < num_heads; ++h) {
+        T* to = row<L>(x, 0, h, p - begin);
         for (Index c = 0; c < head_dim; ++c) {
           const std::uint64_t key = chain ^ (static_cast<std::uint64_t>(layer) << 56) ^
                                     (static_cast<std::uint64_t>(h) << 40) ^
                                     (static_cast<std::uint64_t>(c) << 20) ^ (values ? 7u : 3u);
-          at<L>(x, 0, h, p - begin, c) = static_cast<T>(static_cast<float>(unit_from(key)));
+          to[c] = static_cast<T>(static_cast<float>(unit_from(key)));
         }
+      }
     }
     return x;
   }
