@@ -323,14 +323,15 @@ class Driver {
     const auto n = static_cast<Index>(positions.size());
     Tensor4<T> out(kvtest::dims<L>(B_, H_, n, D_));
     const std::vector<float>& src = keys ? k_ : v_;
-    for (Index i = 0; i < n; ++i)
+    for (Index i = 0; i < n; ++i) {
+      const float* at = src.data() + positions[static_cast<std::size_t>(i)] * row_;
       for (Index b = 0; b < B_; ++b)
         for (Index h = 0; h < H_; ++h) {
-          const Index position = positions[static_cast<std::size_t>(i)];
-          const float* from = src.data() + position * row_ + (b * H_ + h) * D_;
+          const float* from = at + (b * H_ + h) * D_;
           T* to = kvtest::row<L>(out, b, h, i);
           for (Index d = 0; d < D_; ++d) to[d] = static_cast<T>(from[d]);
         }
+    }
     return out;
   }
 

@@ -209,6 +209,30 @@ TEMPLATE_TEST_CASE("a query head's output does not depend on its GQA group", "[k
   require_group_independent<float, L>(int8, rep, q_len, 68);
 }
 
+// bfloat16 keys and values are read two vectors at a time, split by parity (kLoadsByParity in
+// detail/kernel/block_math.inl): chunks of 8, 16 or 32 channels on the portable, AVX2 and
+// AVX-512 variants, the scores against query rows put in the same order, the value sums through
+// strips of one or two pairs, then single vectors, then a channel tail. Head dims on both sides
+// of every variant's edges; decode tiles of one row (GQA 1) and of four (GQA 4), against the
+// double reference. A channel or query element out of place moves the output by more than the
+// tolerance (checked by breaking the order on purpose).
+TEMPLATE_TEST_CASE("bfloat16 rows read by parity, at every head_dim edge", "[kernel]", BHSD, BSHD) {
+  using L = TestType;
+  using T = Eigen::bfloat16;
+  const Index head_dim = GENERATE(1, 7, 8, 9, 16, 17, 24, 31, 32, 33, 48, 64, 65, 96, 128, 136, 200);
+  const Index rep = GENERATE(1, 4);
+  const Index q_len = GENERATE(1, 2);
+  CAPTURE(head_dim, rep, q_len);
+  const Index kv_len = 70;  // a block of 64 keys, then a short one
+  const Tensor4<T> k = random_tensor<T, L>(1, 2, kv_len, head_dim, 70);
+  const Tensor4<T> v = random_tensor<T, L>(1, 2, kv_len, head_dim, 71);
+  kvcache::StaticKVCache<T, L> cache(1, kv_len, 2, head_dim);
+  cache.update(k, v);
+  const Tensor4<T> q = random_tensor<T, L>(1, 2 * rep, q_len, head_dim, 72, 4.0);
+  const auto want = reference_attention<L>(q, k, v, iota_positions(kv_len), kv_len - q_len, {});
+  REQUIRE(max_abs_diff(kvcache::attend(q, cache), want) < tolerance<T>());
+}
+
 namespace {
 
 // A view of the same held positions as `contiguous`, its K/V copied into a pool of blocks of

@@ -72,6 +72,34 @@ void dot_tail(const Acc* const* rows, const typename Source::Element* const* key
     }
 }
 
+/// Whether the vector loops read rows of Element two vectors at a time, split by parity
+/// (V::load_pairs: lane i of the first vector holds element c + 2i, of the second c + 2i + 1):
+/// bfloat16, which a shift and a mask widen that way at half the instructions of widening in
+/// order. The scores then need each query row in the same order (to_score_order); the value
+/// sums hold their accumulators by parity within a strip (accumulate_pair_strip).
+template <class Element>
+inline constexpr bool kLoadsByParity = std::is_same_v<Element, Eigen::bfloat16>;
+
+/// Puts a query row (head_dim elements) in the order dot_tile reads it against keys of
+/// Element: with kLoadsByParity, each whole chunk of 2 * width channels deinterleaved (its even
+/// channels, then its odd ones); the channels past the last whole chunk, and rows against other
+/// elements, stay in order.
+template <class Element, class Acc>
+void to_score_order(Acc* row, Index head_dim) {
+  using V = VecOf<Acc>;
+  if constexpr (kLoadsByParity<Element>) {
+    for (Index c = 0; c + 2 * V::width <= head_dim; c += 2 * V::width) {
+      V even, odd;
+      V::deinterleave(V::load(row + c), V::load(row + c + V::width), even, odd);
+      even.store(row + c);
+      odd.store(row + c + V::width);
+    }
+  } else {
+    (void)row;
+    (void)head_dim;
+  }
+}
+
 /// One vector of elements c .. c + width - 1 of a row of the source (Stored<T>), converted to
 /// Acc in registers.
 template <class Source, class V>
@@ -86,6 +114,8 @@ KVCACHE_ALWAYS_INLINE V load_from(const typename Source::Element* row, Index c) 
 /// of all of them at once by one fixed tree per dot product. So a score gets the same
 /// operations whatever tile it is computed in: a caller may fill unused places of a tile with
 /// copies of a used row or key. Inlined into its caller: the accumulators stay in registers.
+/// Keys of kLoadsByParity elements are read 2 * width channels at a time by parity, against
+/// query rows in to_score_order; the rest of the channels a vector at a time in order.
 template <int Rows, int Keys, class Source, class Acc>
 KVCACHE_ALWAYS_INLINE void dot_tile(const Acc* const* rows,
                                     const typename Source::Element* const* keys, Index head_dim,
@@ -97,8 +127,31 @@ KVCACHE_ALWAYS_INLINE void dot_tile(const Acc* const* rows,
   #pragma GCC unroll 16
   for (int i = 0; i < Rows * Keys; ++i) acc[i] = V::zero();
   Index c = 0;
-  // Invariant: lane l of acc[r * Keys + k] = sum of rows[r][i] * keys[k][i] over i < c with
-  // i % kWidth == l.
+  if constexpr (kLoadsByParity<typename Source::Element>) {
+    // Invariant: lane l of acc[r * Keys + k] = the sum, chunk by chunk in order, of
+    // rows[r] . keys[k] over the channels 2l and 2l + 1 of each chunk of 2 * kWidth below c
+    // (the even one added first). The query rows stay in registers; keys come one at a time.
+    for (; c + 2 * kWidth <= head_dim; c += 2 * kWidth) {
+      V query_even[count(Rows)], query_odd[count(Rows)];
+      #pragma GCC unroll 16
+      for (int r = 0; r < Rows; ++r) {
+        query_even[r] = V::load(rows[r] + c);
+        query_odd[r] = V::load(rows[r] + c + kWidth);
+      }
+      #pragma GCC unroll 16
+      for (int k = 0; k < Keys; ++k) {
+        V even, odd;
+        V::load_pairs(keys[k] + c, even, odd);
+        #pragma GCC unroll 16
+        for (int r = 0; r < Rows; ++r) {
+          acc[r * Keys + k] = V::mul_add(query_even[r], even, acc[r * Keys + k]);
+          acc[r * Keys + k] = V::mul_add(query_odd[r], odd, acc[r * Keys + k]);
+        }
+      }
+    }
+  }
+  // Invariant: lane l of acc[r * Keys + k] = the chunks' terms (if any), then the sum of
+  // rows[r][i] * keys[k][i] over the channels i past them and below c with i % kWidth == l.
   for (; c + kWidth <= head_dim; c += kWidth) {
     V key[count(Keys)];
     #pragma GCC unroll 16
@@ -254,12 +307,61 @@ KVCACHE_ALWAYS_INLINE void accumulate_strip(Acc* const* acc, const Acc* weights,
     for (int s = 0; s < Strip; ++s) lane[r][s].store(acc[r] + c + s * kWidth);
 }
 
+/// Columns [c, c + 2 * Pairs * width) of a value sum over n rows, for `Rows` accumulator rows,
+/// whose rows are read a pair of vectors at a time by parity: load_pair(j, p, even, odd) gives
+/// row j's channels c + 2p * width .. c + (2p + 2) * width - 1, even lane i = the pair's channel
+/// 2i, odd lane i = channel 2i + 1. The accumulators are held by parity too: deinterleaved
+/// once when loaded, interleaved back once when stored. Each element receives the operations
+/// of accumulate_strip, in the same order: only the lane it sits in differs.
+template <int Rows, int Pairs, class Acc, class Prefetch, class LoadPair>
+KVCACHE_ALWAYS_INLINE void accumulate_pair_strip(Acc* const* acc, const Acc* weights,
+                                                 Index weight_stride, Index n, Index c,
+                                                 const Prefetch& prefetch, LoadPair&& load_pair) {
+  using V = VecOf<Acc>;
+  constexpr Index kWidth = V::width;
+  V even[count(Rows)][count(Pairs)], odd[count(Rows)][count(Pairs)];
+  #pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r)
+    #pragma GCC unroll 16
+    for (int p = 0; p < Pairs; ++p)
+      V::deinterleave(V::load(acc[r] + c + 2 * p * kWidth), V::load(acc[r] + c + (2 * p + 1) * kWidth),
+                      even[r][p], odd[r][p]);
+  // Invariant: lane i of even[r][p] (odd[r][p]) = acc[r][c + 2p * kWidth + 2i (+ 1)] plus the
+  // terms of rows < j.
+  for (Index j = 0; j < n; ++j) {
+    prefetch(j);
+    V value_even[count(Pairs)], value_odd[count(Pairs)];
+    #pragma GCC unroll 16
+    for (int p = 0; p < Pairs; ++p) load_pair(j, p, value_even[p], value_odd[p]);
+    #pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r) {
+      const V w = V::broadcast(weights[r * weight_stride + j]);
+      #pragma GCC unroll 16
+      for (int p = 0; p < Pairs; ++p) {
+        even[r][p] = V::mul_add(w, value_even[p], even[r][p]);
+        odd[r][p] = V::mul_add(w, value_odd[p], odd[r][p]);
+      }
+    }
+  }
+  #pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r)
+    #pragma GCC unroll 16
+    for (int p = 0; p < Pairs; ++p) {
+      V low, high;
+      V::interleave(even[r][p], odd[r][p], low, high);
+      low.store(acc[r] + c + 2 * p * kWidth);
+      high.store(acc[r] + c + (2 * p + 1) * kWidth);
+    }
+}
+
 /// acc[r][c] += sum_j weight[r][j] * values[j][c] for `Rows` accumulator rows over `n` value
 /// rows (weights of row r at weights + r * weight_stride), a strip of columns at a time
 /// (V::accumulator_strip vectors, then 2, then 1: 16 of AVX-512's 32 registers hold
-/// accumulators), so each accumulator is loaded and stored once per block. Element (r, c)
-/// receives exactly the operations of n calls of axpy_rows, in the same order, whatever strip
-/// it falls in. The first strip runs `prefetch` row by row.
+/// accumulators), so each accumulator is loaded and stored once per block; rows of
+/// kLoadsByParity elements first by pairs of vectors (accumulate_pair_strip, as many pairs as
+/// a strip holds, then one). Element (r, c) receives exactly the operations of n calls of
+/// axpy_rows, in the same order, whatever strip it falls in. The first strip runs `prefetch`
+/// row by row.
 template <int Rows, class Source, class Acc, class ValueRows, class Prefetch>
 KVCACHE_ALWAYS_INLINE void accumulate_rows(Acc* const* acc, const Acc* weights, Index weight_stride,
                                            const ValueRows& value_rows, Index n, Index head_dim,
@@ -268,6 +370,19 @@ KVCACHE_ALWAYS_INLINE void accumulate_rows(Acc* const* acc, const Acc* weights, 
   constexpr Index kWidth = V::width;
   constexpr int kStrip = V::accumulator_strip;
   Index c = 0;
+  if constexpr (kLoadsByParity<typename Source::Element>) {
+    auto pairs = [&](auto pairs_tag) {
+      constexpr int kPairs = decltype(pairs_tag)::value;
+      for (; c + 2 * kPairs * kWidth <= head_dim; c += 2 * kPairs * kWidth, prefetch = Prefetch{})
+        accumulate_pair_strip<Rows, kPairs>(acc, weights, weight_stride, n, c, prefetch,
+                                            [&](Index j, int p, V& even, V& odd) {
+                                              V::load_pairs(value_rows(j) + c + 2 * p * kWidth, even, odd);
+                                            });
+    };
+    constexpr int kPairs = kStrip / 2 > 0 ? kStrip / 2 : 1;
+    pairs(std::integral_constant<int, kPairs>{});
+    if constexpr (kPairs > 1) pairs(std::integral_constant<int, 1>{});
+  }
   for (; c + kStrip * kWidth <= head_dim; c += kStrip * kWidth, prefetch = Prefetch{})
     accumulate_strip<Rows, kStrip, Source>(acc, weights, weight_stride, value_rows, n, c, prefetch);
   if constexpr (kStrip > 2) {

@@ -269,11 +269,10 @@ KVCACHE_ALWAYS_INLINE void accumulate_codes_strip(Acc* const* acc, const Acc* we
 }
 
 /// accumulate_codes_strip for 4-bit codes over Pairs pairs of vectors, columns [c, c + 2 * Pairs
-/// * width), each pair's 2 * width channels in one value group. A pair loads by parity
-/// (V::load_nibble_pairs: the low and high nibbles of the same bytes, a mask and a shift, where
-/// channel order would take a byte interleave per vector), so the accumulators are held by
-/// parity too: deinterleaved once when loaded, interleaved back once when stored, per block.
-/// Each element receives the operations of accumulate_codes_strip, in the same order.
+/// * width), each pair's 2 * width channels in one value group: accumulate_pair_strip, a pair
+/// loaded by parity (V::load_nibble_pairs: the low and high nibbles of the same bytes, a mask
+/// and a shift, where channel order would take a byte interleave per vector) and dequantized in
+/// registers. Each element receives the operations of accumulate_codes_strip, in the same order.
 template <int Rows, int Pairs, class Acc, class Prefetch>
 KVCACHE_ALWAYS_INLINE void accumulate_nibble_strip(Acc* const* acc, const Acc* weights,
                                                    Index weight_stride, const std::uint8_t* codes,
@@ -285,45 +284,14 @@ KVCACHE_ALWAYS_INLINE void accumulate_nibble_strip(Acc* const* acc, const Acc* w
   Index group_of[count(Pairs)];
   #pragma GCC unroll 16
   for (int p = 0; p < Pairs; ++p) group_of[p] = (c + 2 * p * kWidth) / group;
-  V even[count(Rows)][count(Pairs)], odd[count(Rows)][count(Pairs)];
-  #pragma GCC unroll 16
-  for (int r = 0; r < Rows; ++r)
-    #pragma GCC unroll 16
-    for (int p = 0; p < Pairs; ++p)
-      V::deinterleave(V::load(acc[r] + c + 2 * p * kWidth), V::load(acc[r] + c + (2 * p + 1) * kWidth),
-                      even[r][p], odd[r][p]);
-  // Invariant: lane i of even[r][p] (odd[r][p]) = acc[r][c + 2p * kWidth + 2i (+ 1)] plus the
-  // terms of tokens < t.
-  for (Index t = 0; t < n; ++t) {
-    prefetch(t);
-    V value_even[count(Pairs)], value_odd[count(Pairs)];
-    #pragma GCC unroll 16
-    for (int p = 0; p < Pairs; ++p) {
-      V::load_nibble_pairs(codes + t * row_bytes, c + 2 * p * kWidth, value_even[p], value_odd[p]);
-      const V scale = V::broadcast(scales[t * groups + group_of[p]]);
-      const V zero = V::broadcast(zeros[t * groups + group_of[p]]);
-      value_even[p] = V::mul_add(value_even[p], scale, zero);
-      value_odd[p] = V::mul_add(value_odd[p], scale, zero);
-    }
-    #pragma GCC unroll 16
-    for (int r = 0; r < Rows; ++r) {
-      const V w = V::broadcast(weights[r * weight_stride + t]);
-      #pragma GCC unroll 16
-      for (int p = 0; p < Pairs; ++p) {
-        even[r][p] = V::mul_add(w, value_even[p], even[r][p]);
-        odd[r][p] = V::mul_add(w, value_odd[p], odd[r][p]);
-      }
-    }
-  }
-  #pragma GCC unroll 16
-  for (int r = 0; r < Rows; ++r)
-    #pragma GCC unroll 16
-    for (int p = 0; p < Pairs; ++p) {
-      V low, high;
-      V::interleave(even[r][p], odd[r][p], low, high);
-      low.store(acc[r] + c + 2 * p * kWidth);
-      high.store(acc[r] + c + (2 * p + 1) * kWidth);
-    }
+  accumulate_pair_strip<Rows, Pairs>(
+      acc, weights, weight_stride, n, c, prefetch, [&](Index t, int p, V& even, V& odd) {
+        V::load_nibble_pairs(codes + t * row_bytes, c + 2 * p * kWidth, even, odd);
+        const V scale = V::broadcast(scales[t * groups + group_of[p]]);
+        const V zero = V::broadcast(zeros[t * groups + group_of[p]]);
+        even = V::mul_add(even, scale, zero);
+        odd = V::mul_add(odd, scale, zero);
+      });
 }
 
 /// acc += P V for every row of a unit over the n tokens of a block whose value groups are whole

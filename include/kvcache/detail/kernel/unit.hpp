@@ -124,7 +124,9 @@ template <class Acc>
 struct ItemRows {
   Index num_rows;
   Index head_dim;
-  const Acc* queries;         ///< (num_rows, head_dim) row-major, already times score.scale
+  /// (num_rows, head_dim) row-major, already times score.scale; in channel order, except
+  /// that the unit puts a decode's rows in to_score_order for its T blocks (block_math.inl).
+  const Acc* queries;
   Acc* accumulators;          ///< (num_rows, head_dim) row-major; states[r].acc points into it
   SoftmaxState<Acc>* states;  ///< (num_rows)
   Index first_position;       ///< position of query row 0 of every head

@@ -30,6 +30,10 @@ void attend_unit(const QueryArgs<T>& q, const KVView<T>& kv, const MaskRules& ma
   } else {
     (void)quantized_scratch;
   }
+  // From here on the queries are read only by the T blocks' scores: in decode, dot_tile's
+  // order for T (the quantized blocks, done, read them in channel order).
+  if (num_rows < kTileRows)
+    for (Index row = 0; row < num_rows; ++row) to_score_order<T>(queries + row * head_dim, head_dim);
   // The unit's rows sit at positions [first_t, last_t]: a block no row can see is skipped.
   const Index first_t = rows.row_position(0), last_t = rows.row_position(rows.rows_per_head - 1);
   auto block = [&](const BlockRows<T>& rows_of_block) {

@@ -20,6 +20,13 @@ struct FloatVec {
     const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(from));
     return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16))};
   }
+  /// Elements 0 .. 15 of a bfloat16 row split by parity (isa_avx512::FloatVec::load_pairs):
+  /// a shift and a mask.
+  static void load_pairs(const Eigen::bfloat16* from, FloatVec& even, FloatVec& odd) {
+    const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from));
+    even = {_mm256_castsi256_ps(_mm256_slli_epi32(words, 16))};
+    odd = {_mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(-65536)))};
+  }
   /// Asks for the cache line holding `address` (a hint; never faults). Inline assembly: once
   /// Eigen's headers are in, g++ 12 emits nothing for __builtin_prefetch or _mm_prefetch
   /// inside a target region.

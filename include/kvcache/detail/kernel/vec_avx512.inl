@@ -23,6 +23,15 @@ struct FloatVec {
     const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from));
     return {_mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, _mm512_maskz_cvtepu16_epi32(kAll, halves), 16))};
   }
+  /// Elements 0 .. 31 of a bfloat16 row split by parity, exactly: even lane i = element 2i,
+  /// odd lane i = element 2i + 1. Each 32-bit word holds a pair (the even one in its low half),
+  /// so a shift and a mask widen 32 elements where widening in order takes two zero-extends
+  /// and two shifts.
+  static void load_pairs(const Eigen::bfloat16* from, FloatVec& even, FloatVec& odd) {
+    const __m512i words = _mm512_loadu_si512(from);
+    even = {_mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, words, 16))};
+    odd = {_mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(-65536)))};
+  }
   /// Asks for the cache line holding `address` (a hint; never faults). Inline assembly: once
   /// Eigen's headers are in, g++ 12 emits nothing for __builtin_prefetch or _mm_prefetch
   /// inside a target region.

@@ -64,6 +64,12 @@ struct PortableVec {
     }
     return r;
   }
+  /// Elements 0 .. 2W - 1 of a bfloat16 row split by parity: even lane i = element 2i, odd
+  /// lane i = element 2i + 1 (the intrinsic vectors' shift and mask; here loaded in order and
+  /// deinterleaved).
+  static void load_pairs(const Eigen::bfloat16* from, PortableVec& even, PortableVec& odd) {
+    deinterleave(load(from), load(from + W), even, odd);
+  }
   /// Asks for the cache line holding `address` (a hint; never faults).
   static void prefetch(const void* address) {
 #if defined(__GNUC__)
